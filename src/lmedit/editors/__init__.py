@@ -1,0 +1,86 @@
+"""Editors: each method registers a config dataclass and a function `edit(model, tokenizer, requests, config)`.
+
+The CLI's --method choices come from this registry; `make_config` fills per-model defaults and applies
+--set overrides, rejecting unknown keys with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lmedit.errors import InputError
+
+
+@dataclass(frozen=True)
+class Editor:
+    name: str
+    config_cls: type
+    fn: Callable  # fn(model, tokenizer, requests, config, progress=True) -> Patch
+    summary: str
+
+
+EDITORS: dict[str, Editor] = {}
+
+
+def register_editor(name: str, config_cls: type, fn: Callable, summary: str) -> None:
+    EDITORS[name] = Editor(name, config_cls, fn, summary)
+
+
+def get_editor(name: str) -> Editor:
+    _load_builtin()
+    if name not in EDITORS:
+        raise InputError(f"unknown method {name!r}; choose one of: {', '.join(sorted(EDITORS))}")
+    return EDITORS[name]
+
+
+def editor_names() -> list[str]:
+    _load_builtin()
+    return sorted(EDITORS)
+
+
+def _load_builtin() -> None:
+    from lmedit.editors import emmet, memit, rome  # noqa: F401  (each registers itself)
+
+
+def _coerce(value: Any, current: Any, key: str):
+    if isinstance(value, str) and not isinstance(current, str):
+        text = value.strip()
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return text.lower() in ("true", "1")
+            if isinstance(current, int):
+                return int(text)
+            if isinstance(current, float):
+                return float(text)
+            if isinstance(current, tuple):
+                return tuple(int(x) for x in text.replace("[", "").replace("]", "").split(",") if x.strip())
+        except ValueError:
+            raise InputError(f"--set {key}={value}: expected a {type(current).__name__}") from None
+    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InputError(f"--set {key}: value must be finite, got {value}")
+    return value
+
+
+def apply_overrides(config, overrides: dict[str, Any]):
+    """Return a copy of `config` with dotted keys set (e.g. 'value.lr'); unknown keys are an InputError."""
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        fields = {f.name for f in dataclasses.fields(config)}
+        if head not in fields:
+            raise InputError(f"unknown setting {key!r} for {type(config).__name__}; valid: {', '.join(sorted(fields))}")
+        current = getattr(config, head)
+        if rest:
+            if not dataclasses.is_dataclass(current):
+                raise InputError(f"setting {head!r} has no sub-settings")
+            config = dataclasses.replace(config, **{head: apply_overrides(current, {rest: value})})
+        else:
+            if dataclasses.is_dataclass(current):
+                raise InputError(f"{head!r} is a group of settings; set one of them, e.g. {head}.<name>")
+            config = dataclasses.replace(config, **{head: _coerce(value, current, key)})
+    return config

@@ -1,0 +1,1 @@
+"""Shared locate-then-edit machinery: keys k*, values v*, solvers, layer spreading."""

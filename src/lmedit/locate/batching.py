@@ -1,0 +1,91 @@
+"""Run many (prefix, suffix) rows through the model with the frozen prefix computed once.
+
+Why: in v* optimisation δ is added at the last subject token, so every token before it is unaffected by δ.
+Those prefixes (context + start of prompt, ~3/4 of all tokens) run once with a KV cache; each optimisation step
+then runs only the short suffixes. The prefix is left-padded and the suffix right-padded so every row's split
+point sits at the same column; position ids follow the real tokens, so results equal a plain forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from lmedit.models.arch import arch_for, get_module
+
+
+@dataclass
+class SplitBatch:
+    prefix_ids: torch.Tensor  # (rows, P) left-padded
+    prefix_mask: torch.Tensor  # (rows, P)
+    suffix_ids: torch.Tensor  # (rows, S) right-padded; column 0 is each row's split token
+    suffix_mask: torch.Tensor  # (rows, S)
+
+    @classmethod
+    def build(cls, rows: list[list[int]], splits: list[int], pad_id: int, device) -> "SplitBatch":
+        P = max(splits)
+        S = max(len(ids) - s for ids, s in zip(rows, splits))
+        n = len(rows)
+        prefix_ids = torch.full((n, P), pad_id, dtype=torch.long)
+        prefix_mask = torch.zeros((n, P), dtype=torch.long)
+        suffix_ids = torch.full((n, S), pad_id, dtype=torch.long)
+        suffix_mask = torch.zeros((n, S), dtype=torch.long)
+        for i, (ids, s) in enumerate(zip(rows, splits)):
+            if s:
+                prefix_ids[i, P - s:] = torch.tensor(ids[:s])
+                prefix_mask[i, P - s:] = 1
+            rest = ids[s:]
+            suffix_ids[i, : len(rest)] = torch.tensor(rest)
+            suffix_mask[i, : len(rest)] = 1
+        return cls(prefix_ids.to(device), prefix_mask.to(device), suffix_ids.to(device), suffix_mask.to(device))
+
+
+def body(model: nn.Module) -> nn.Module:
+    """The transformer without its unembedding (its output is already through the final norm)."""
+    return get_module(model, arch_for(model).layers.rsplit(".", 1)[0])
+
+
+def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    logits = get_module(model, arch_for(model).unembed)(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+class PrefixCache:
+    """The frozen prefixes' keys/values, computed once; `forward` runs any subset of rows' suffixes."""
+
+    def __init__(self, model: nn.Module, batch: SplitBatch, chunk: int = 256):
+        self.model = model
+        self.batch = batch
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if batch.prefix_ids.shape[1] == 0:
+            return
+        parts = []
+        with torch.no_grad():
+            for lo in range(0, batch.prefix_ids.shape[0], chunk):
+                ids, mask = batch.prefix_ids[lo:lo + chunk], batch.prefix_mask[lo:lo + chunk]
+                out = body(model)(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+                parts.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+        self.kv = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
+                   for i in range(len(parts[0]))]
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (rows, S, d) of the suffixes of `rows` (a LongTensor of row indices)."""
+        b = self.batch
+        prefix_mask, suffix_mask = b.prefix_mask[rows], b.suffix_mask[rows]
+        positions = prefix_mask.sum(1, keepdim=True) + torch.arange(suffix_mask.shape[1], device=rows.device)
+        cache = None
+        if self.kv is not None:
+            cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.kv], config=self.model.config)
+        out = body(self.model)(input_ids=b.suffix_ids[rows], attention_mask=torch.cat([prefix_mask, suffix_mask], 1),
+                               position_ids=positions, past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(1) - 1).clamp(min=0)

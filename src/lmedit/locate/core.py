@@ -1,0 +1,124 @@
+"""Locate-then-edit: one core for ROME, MEMIT and EMMET (the methods differ only in configuration).
+
+1. v* at the last edit layer L (batched over requests, values.py).
+2. For each edit layer l in order: keys K at l and the current output z at L (with the earlier layers'
+   updates in place), residual share R = (Z* − Z) / (layers left), ΔW_l from the solver, applied.
+3. Everything applied is reverted before returning: the model leaves as it came; the result is a Patch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from lmedit import __version__
+from lmedit.errors import InputError
+from lmedit.locate.context import context_templates
+from lmedit.locate.keys import read_at_subject
+from lmedit.locate.solvers import equality_constrained, least_squares
+from lmedit.locate.values import ValueConfig, compute_values
+from lmedit.models.arch import arch_for, check_layer, mlp_out_name
+from lmedit.patches import Delta, Patch, fingerprint
+from lmedit.requests import EditRequest
+from lmedit.stats.moments import load_or_compute
+
+
+@dataclass
+class LocateConfig:
+    """Knobs shared by ROME, MEMIT and EMMET. Per-model defaults come from `editors.defaults`."""
+
+    layers: tuple[int, ...] = (4,)  # the MLP output projections to edit; v* is found at the last
+    solver: Literal["least_squares", "equality"] = "least_squares"
+    mom2_weight: float = 15000.0  # λ: how strongly C (general-text keys) is preserved
+    mu: float = 0.0  # equality solver: ridge on KᵀC⁻¹K (EMMET needs > 0 for large batches)
+    identity_cov: bool = False  # use C = I instead of statistics (must be asked for; recorded in the patch)
+    stats_corpus: str = "wiki"  # corpus for C: 'wiki', a text/JSONL file, or hf:NAME
+    stats_tokens: int = 100_000  # tokens of the corpus that C averages over
+    n_context: int = 5  # random model-written prefixes for k* and v* (plus the bare prompt)
+    context_length: int = 10  # tokens per prefix
+    seed: int = 0
+    value: ValueConfig = field(default_factory=ValueConfig)
+
+    def validate(self, model) -> None:
+        if not self.layers:
+            raise InputError("at least one edit layer is needed")
+        for l in self.layers:
+            check_layer(model, l)
+        if list(self.layers) != sorted(set(self.layers)):
+            raise InputError(f"edit layers must be distinct and increasing, got {list(self.layers)}")
+        for name in ("mom2_weight", "mu"):
+            v = getattr(self, name)
+            if not (v == v and abs(v) != float("inf")) or v < 0:
+                raise InputError(f"{name} must be a finite non-negative number, got {v}")
+        if self.solver == "least_squares" and self.mom2_weight == 0:
+            raise InputError("mom2_weight (λ) must be positive for the least-squares solver")
+
+
+def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: LocateConfig, method: str,
+                     progress: bool = True, announce=print) -> Patch:
+    """Compute the edit for `requests` as a Patch; the model is left exactly as it was."""
+    config.validate(model)
+    if not requests:
+        raise InputError("no edit requests given")
+    for i, r in enumerate(requests):
+        r.validate(f"request {i}")
+    timing = {}
+    t0 = time.perf_counter()
+    layers = list(config.layers)
+    if config.identity_cov:
+        covs = None
+    else:
+        covs = load_or_compute(model, tokenizer, layers, config.stats_corpus, config.stats_tokens,
+                               progress=progress, announce=announce)
+    timing["stats_seconds"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    templates = context_templates(model, tokenizer, config.n_context, config.context_length, config.seed)
+    L = layers[-1]
+    values = compute_values(model, tokenizer, requests, L, templates, config.value, progress=progress)
+    timing["values_seconds"] = time.perf_counter() - t0
+    z_star = values.v_star.float()  # (n, d_out)
+
+    t0 = time.perf_counter()
+    names = [f"{mlp_out_name(model, l)}.weight" for l in layers]
+    base = fingerprint(model, names)
+    transposed = arch_for(model).transposed
+    deltas: dict[str, Delta] = {}
+    applied = []
+    try:
+        for i, l in enumerate(layers):
+            keys, z = read_at_subject(model, tokenizer, requests, templates, [l], out_layer=L)
+            K = keys[l].T  # (d_in, n)
+            R = (z_star - z).T / (len(layers) - i)  # (d_out, n): this layer's share of what is left
+            C = covs[l] if covs is not None else torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
+            C = C.to(K.device)
+            if config.solver == "least_squares":
+                left, right = least_squares(K, R, C, config.mom2_weight)
+            else:
+                left, right = equality_constrained(K, R, C, config.mom2_weight, config.mu)
+            left, right = left.float(), right.float()  # ΔW = left @ right, (out, in)
+            delta = Delta(left=right.T.contiguous(), right=left.T.contiguous()) if transposed else \
+                Delta(left=left.contiguous(), right=right.contiguous())
+            deltas[names[i]] = delta
+            applied.append(Patch({names[i]: delta}, {}).apply(model))
+    finally:
+        for handle in reversed(applied):
+            handle.revert()
+    timing["solve_seconds"] = time.perf_counter() - t0
+
+    meta = {
+        "method": method,
+        "config": asdict(config),
+        "requests": [r.to_dict() for r in requests],
+        "base_fingerprint": base,
+        "lmedit_version": __version__,
+        "model_type": model.config.model_type,
+        "covariance": "identity (asked for)" if config.identity_cov else
+                      f"second moment over {config.stats_tokens} tokens of {config.stats_corpus}",
+        "timing": timing,
+        "v_star": {"target_prob": values.target_prob.tolist(), "steps": values.steps.tolist()},
+    }
+    return Patch(deltas, meta)

@@ -1,0 +1,55 @@
+"""Token-level bookkeeping shared by keys, values and scoring: where the subject ends, where targets go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmedit.errors import InputError
+from lmedit.requests import join_prompt_target
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt, with the tokenizer's own special tokens (a BOS where the model expects one)."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """Token ids of a continuation (a target), never with special tokens."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def subject_last_token(tokenizer, text: str, subject: str) -> tuple[list[int], int]:
+    """(ids of `text`, index of the last token of the last occurrence of `subject`) — the edit point."""
+    start = text.rfind(subject)
+    if start < 0:
+        raise InputError(f"subject {subject!r} does not occur in the prompt {text!r}")
+    end = start + len(subject)
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    last = None
+    for i, (s, e) in enumerate(enc["offset_mapping"]):
+        if e > s and s < end:
+            last = i
+    if last is None:
+        raise InputError(f"cannot find the tokens of subject {subject!r} in {text!r}")
+    return list(enc["input_ids"]), last
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A prompt followed by a teacher-forced continuation: input ids and which positions predict which ids."""
+
+    ids: list[int]  # prompt ids + continuation ids except the last
+    target_ids: list[int]
+    first_target_pos: int  # position whose logits predict target_ids[0]
+
+    @property
+    def target_positions(self) -> list[int]:
+        return list(range(self.first_target_pos, self.first_target_pos + len(self.target_ids)))
+
+
+def with_target(prompt_ids: list[int], tokenizer, prompt: str, target: str) -> Scored:
+    _, cont = join_prompt_target(prompt, target)
+    target_ids = encode_continuation(tokenizer, cont)
+    if not target_ids:
+        raise InputError(f"target {target!r} tokenizes to nothing")
+    return Scored(prompt_ids + target_ids[:-1], target_ids, len(prompt_ids) - 1)

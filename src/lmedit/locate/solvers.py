@@ -1,0 +1,28 @@
+"""The two closed-form updates of the preservation–memorisation objective, in float64.
+
+Notation (columns are requests): K (d_in × n) keys, R (d_out × n) residuals R = V* − W K, C (d_in × d_in) the
+uncentred second moment of keys over general text, scaled by λ. Both return ΔW as a low-rank product
+ΔW = R · A with A (n × d_in), so patches store it as two thin factors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def least_squares(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT: argmin_ΔW  λ‖ΔW C^{1/2}‖² + ‖(W+ΔW)K − V*‖²  ⇒  ΔW = R Kᵀ (λC + K Kᵀ)⁻¹."""
+    K, R, C = K.double(), R.double(), C.double()
+    A = torch.linalg.solve(lam * C + K @ K.T, K).T  # (n, d_in) = Kᵀ (λC + KKᵀ)⁻¹  (the matrix is symmetric)
+    return R, A
+
+
+def equality_constrained(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float = 1.0,
+                         mu: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROME (n = 1) / EMMET: argmin_ΔW ‖ΔW (λC)^{1/2}‖² s.t. (W+ΔW)K = V*  ⇒
+    ΔW = R (Kᵀ C⁻¹ K + μ I)⁻¹ Kᵀ C⁻¹   (μ > 0 softens the constraint when keys are nearly dependent)."""
+    K, R, C = K.double(), R.double(), (lam * C).double()
+    Cinv_K = torch.linalg.solve(C, K)  # (d_in, n) = C⁻¹ K
+    gram = K.T @ Cinv_K + mu * torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
+    A = torch.linalg.solve(gram, Cinv_K.T)  # (n, d_in) = (KᵀC⁻¹K + μI)⁻¹ KᵀC⁻¹
+    return R, A

