@@ -84,3 +84,12 @@ def apply_overrides(config, overrides: dict[str, Any]):
                 raise InputError(f"{head!r} is a group of settings; set one of them, e.g. {head}.<name>")
             config = dataclasses.replace(config, **{head: _coerce(value, current, key)})
     return config
+
+
+def make_config(method: str, model_name: str, model, overrides: dict[str, Any] | None = None):
+    """The method's config: dataclass defaults, then the per-model defaults table, then the user's --set."""
+    from lmedit.editors.defaults import defaults_for
+
+    editor = get_editor(method)
+    config = apply_overrides(editor.config_cls(), defaults_for(method, model_name, model))
+    return apply_overrides(config, overrides or {})

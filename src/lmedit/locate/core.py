@@ -78,7 +78,7 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
     t0 = time.perf_counter()
     templates = context_templates(model, tokenizer, config.n_context, config.context_length, config.seed)
     L = layers[-1]
-    values = compute_values(model, tokenizer, requests, L, templates, config.value, progress=progress)
+    values = compute_values(model, tokenizer, requests, L, templates, config.value, progress=progress and len(requests) > 1)
     timing["values_seconds"] = time.perf_counter() - t0
     z_star = values.v_star.float()  # (n, d_out)
 

@@ -1,0 +1,267 @@
+"""The `lmedit` command line (Typer). Errors are one line on stderr: exit 2 for bad input, 1 for failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lmedit.errors import InputError, LmeditError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Edit facts in language models with small, reversible, measured weight changes.")
+eval_app = typer.Typer(no_args_is_help=True, help="Edit then score on a benchmark.")
+stats_app = typer.Typer(no_args_is_help=True, help="Key statistics C = E[k kᵀ]: an explicit, cached artifact.")
+app.add_typer(eval_app, name="eval")
+app.add_typer(stats_app, name="stats")
+console = Console()
+err_console = Console(stderr=True)
+_VERBOSE = {"on": False}
+
+ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, an HF directory, or a .gguf file")
+SetOpt = typer.Option(None, "--set", help="override a setting, e.g. --set layers=3,4 --set value.lr=0.2")
+ForceOpt = typer.Option(False, "--force", help="overwrite an existing output")
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", help="show tracebacks on error")) -> None:
+    _VERBOSE["on"] = verbose
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load(spec: str):
+    from lmedit.models import load_model
+
+    _quiet_transformers()
+    with console.status(f"loading {spec}"):
+        return load_model(spec)
+
+
+def _parse_sets(sets: Optional[list[str]]) -> dict:
+    out = {}
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise InputError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--layers expects comma-separated integers, got {text!r}") from None
+
+
+def _metrics_table(result: dict) -> Table:
+    table = Table(title=f"{result['task']}: {result['method']} on {result['model']} "
+                        f"(n={result['n']}, batch {result['batch_size']}{', sequential' if result['sequential'] else ''})")
+    table.add_column("metric")
+    table.add_column("edited", justify="right")
+    table.add_column("unedited", justify="right")
+    for key, value in result["metrics"].items():
+        if isinstance(value, (int, float)) and key != "n":
+            base = result["baseline"].get(key)
+            table.add_row(key, f"{value:.4f}", f"{base:.4f}" if isinstance(base, (int, float)) else "-")
+    return table
+
+
+@app.command()
+def demo(model: str = ModelOpt,
+         method: str = typer.Option("rome", help="editing method"),
+         out: Path = typer.Option(Path("out/demo-patch"), help="where the demo's patch is saved"),
+         force: bool = ForceOpt) -> None:
+    """Edit a few facts in the embedded model, show before/after, save the patch, revert.
+
+    Example: lmedit demo
+    """
+    from lmedit.demo import run_demo
+
+    _quiet_transformers()
+    run_demo(_load(model), method, out, force, console)
+
+
+@app.command()
+def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: JSONL, CounterFact, ROME or zsRE JSON"),
+         out: Path = typer.Option(..., "--out", "-o", help="output patch directory"),
+         model: str = ModelOpt,
+         method: str = typer.Option("memit", help="rome | memit | emmet"),
+         limit: Optional[int] = typer.Option(None, help="only the first N requests"),
+         sets: Optional[list[str]] = SetOpt,
+         force: bool = ForceOpt) -> None:
+    """Compute an edit and save it as a patch (the model files are not changed).
+
+    Example: lmedit edit --method memit --requests facts.jsonl --out my-patch
+    """
+    from lmedit.editors import get_editor, make_config
+    from lmedit.fileio import check_writable
+    from lmedit.requests import load_requests
+
+    check_writable(out, force)
+    reqs = load_requests(requests, limit=limit)
+    editor = get_editor(method)
+    lm = _load(model)
+    config = make_config(method, lm.name, lm.model, _parse_sets(sets))
+    patch = editor.fn(lm.model, lm.tokenizer, reqs, config, announce=console.print)
+    patch.meta["model"] = lm.name
+    patch.save(out, force=force)
+    console.print(patch.summary())
+    console.print(f"saved {method} patch for {len(reqs)} request(s) to {out}")
+
+
+@eval_app.command("counterfact")
+def eval_counterfact(data: Path = typer.Option(..., "--data", help="CounterFact file (EasyEdit flat or ROME nested)"),
+                     out: Path = typer.Option(..., "--out", "-o", help="result JSON file"),
+                     model: str = ModelOpt,
+                     method: str = typer.Option("memit", help="rome | memit | emmet"),
+                     limit: Optional[int] = typer.Option(None, help="only the first N records"),
+                     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="edits per batch (default: all)"),
+                     sequential: bool = typer.Option(False, help="each batch on top of the previous ones"),
+                     sets: Optional[list[str]] = SetOpt,
+                     force: bool = ForceOpt) -> None:
+    """Edit CounterFact records and score efficacy, generalisation, specificity, edit score.
+
+    Example: lmedit eval counterfact --method rome --data counterfact-edit.json --limit 100 --batch-size 1 --out rome.json
+    """
+    from lmedit.editors import get_editor
+    from lmedit.evaluate.run import run_edit_eval
+    from lmedit.fileio import atomic_write_json, check_writable
+    from lmedit.requests import load_requests
+
+    check_writable(out, force)
+    get_editor(method)
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    reqs = load_requests(data, limit=limit)
+    lm = _load(model)
+    result = run_edit_eval(lm, method, reqs, batch_size, sequential, _parse_sets(sets), announce=console.print)
+    atomic_write_json(out, result)
+    console.print(_metrics_table(result))
+    t = result["timing"]
+    console.print(f"edit {t['edit_seconds']:.1f}s ({t['seconds_per_edit']:.2f}s/edit), eval {t['eval_seconds']:.1f}s, "
+                  f"peak RSS {t['peak_rss_mb']:.0f} MB → {out}")
+
+
+@stats_app.command("compute")
+def stats_compute(model: str = ModelOpt,
+                  layers: str = typer.Option(..., help="comma-separated layers, e.g. 2,3,4"),
+                  corpus: str = typer.Option("wiki", help="'wiki' (offline default), a text/JSONL file, or hf:NAME"),
+                  tokens: int = typer.Option(100_000, help="number of tokens to average over")) -> None:
+    """Compute and cache C = E[k kᵀ] at the input of the MLP output projections (one pass for all layers).
+
+    Example: lmedit stats compute --layers 2,3,4,5,6 --tokens 100000
+    """
+    from lmedit.stats.moments import load_or_compute, stats_path
+
+    if tokens <= 0:
+        raise InputError(f"--tokens must be positive, got {tokens}")
+    lm = _load(model)
+    wanted = _parse_layers(layers)
+    load_or_compute(lm.model, lm.tokenizer, wanted, corpus, tokens, announce=console.print)
+    from lmedit.stats.corpora import get_corpus
+
+    corpus_id = "wiki-leads-en" if corpus == "wiki" else get_corpus(corpus).id
+    for l in wanted:
+        console.print(f"layer {l}: {stats_path(lm.model, l, corpus_id, tokens)}")
+
+
+@stats_app.command("inspect")
+def stats_inspect(model: str = ModelOpt,
+                  layer: int = typer.Option(..., help="layer"),
+                  corpus: str = typer.Option("wiki", help="corpus the statistics were computed on"),
+                  tokens: int = typer.Option(100_000, help="number of tokens they average over")) -> None:
+    """Show a cached C: where it is, its size, trace and conditioning (never computes).
+
+    Example: lmedit stats inspect --layer 4
+    """
+    import torch
+    from safetensors import safe_open
+
+    from lmedit.models.arch import check_layer
+    from lmedit.stats.corpora import get_corpus
+    from lmedit.stats.moments import stats_path
+
+    lm = _load(model)
+    check_layer(lm.model, layer)
+    corpus_id = "wiki-leads-en" if corpus == "wiki" else get_corpus(corpus).id
+    path = stats_path(lm.model, layer, corpus_id, tokens)
+    if not path.is_file():
+        raise InputError(f"no statistics for layer {layer} ({corpus_id}, n={tokens}); run `lmedit stats compute`")
+    with safe_open(str(path), "pt") as f:
+        C, meta = f.get_tensor("C"), f.metadata()
+    eig = torch.linalg.eigvalsh(C)
+    table = Table(title=f"C at layer {layer}")
+    table.add_column("field")
+    table.add_column("value")
+    for k, v in {**meta, "path": str(path), "shape": str(tuple(C.shape)), "dtype": str(C.dtype),
+                 "trace": f"{C.trace().item():.4g}", "eigenvalue min/max": f"{eig[0].item():.3g} / {eig[-1].item():.3g}",
+                 "condition number": f"{(eig[-1] / eig[0].clamp(min=1e-30)).item():.3g}"}.items():
+        table.add_row(k, v)
+    console.print(table)
+
+
+@app.command()
+def export(patch: Path = typer.Option(..., "--patch", "-p", help="patch directory"),
+           out: Path = typer.Option(..., "--out", "-o", help="output HF model directory"),
+           model: str = ModelOpt,
+           force: bool = ForceOpt) -> None:
+    """Apply a patch and write the edited model as a Hugging Face directory.
+
+    Example: lmedit export --patch my-patch --out edited-model
+    """
+    from lmedit.fileio import AtomicDirectory, check_writable
+    from lmedit.patches import Patch
+
+    check_writable(out, force)
+    p = Patch.load(patch)
+    lm = _load(model)
+    p.apply(lm.model)  # refuses a different base model
+    with AtomicDirectory(out, force=force) as tmp:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+    console.print(f"wrote the edited model to {out}")
+
+
+def main() -> None:
+    import click
+
+    try:
+        app(standalone_mode=False)
+    except LmeditError as e:
+        if _VERBOSE["on"]:
+            traceback.print_exc()
+        err_console.print(f"lmedit: error: {e}", markup=False, highlight=False)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("lmedit: aborted")
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("lmedit: interrupted")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - an unexpected failure still gets one line unless --verbose
+        if _VERBOSE["on"] or os.environ.get("LMEDIT_DEBUG"):
+            raise
+        err_console.print(f"lmedit: failed: {type(e).__name__}: {e} (rerun with --verbose for details)",
+                          markup=False, highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
