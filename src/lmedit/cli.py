@@ -22,7 +22,7 @@ stats_app = typer.Typer(no_args_is_help=True, help="Key statistics C = E[k kᵀ]
 app.add_typer(eval_app, name="eval")
 app.add_typer(stats_app, name="stats")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 _VERBOSE = {"on": False}
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, an HF directory, or a .gguf file")

@@ -105,6 +105,17 @@ def _load_embedded(name: str) -> LoadedModel:
     return _finish(model, tokenizer, name)
 
 
+def _check_model_type(config_path: Path) -> None:
+    """Refuse an unknown architecture before loading any weights."""
+    from lmedit.fileio import read_json
+    from lmedit.models.arch import ARCHITECTURES
+
+    model_type = read_json(config_path).get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise InputError(f"unknown model architecture {model_type!r} in {config_path}; "
+                         f"lmedit knows: {', '.join(sorted(ARCHITECTURES))}")
+
+
 def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> LoadedModel:
     """Load `spec`: an embedded name, an HF directory, a .gguf file, or (online) a hub id."""
     if spec in EMBEDDED:
@@ -118,6 +129,7 @@ def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> Lo
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")
+        _check_model_type(path / "config.json")
         model, tokenizer = _load_hf_dir(path, local_files_only=True, trust_remote_code=trust_remote_code)
         return _finish(model, tokenizer, spec)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:

@@ -1,0 +1,153 @@
+"""`make bench`: speed and memory of the locate-then-edit core on the embedded model.
+
+Writes benchmarks/results/locate.json and locate.md. Timings are reported as ratios measured in one run
+(this machine is noisy); run alone, never beside another torch process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+OUT = ROOT / "benchmarks" / "results"
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def bench_editors(lm, requests, sizes):
+    from lmedit.editors import get_editor, make_config
+
+    rows = {}
+    rome = get_editor("rome")
+    cfg = make_config("rome", lm.name, lm.model)
+    n_single = 5
+    total = 0.0
+    for r in requests[:n_single]:
+        patch, dt = timed(lambda: rome.fn(lm.model, lm.tokenizer, [r], cfg, progress=False, announce=lambda *_: None))
+        total += dt - patch.meta["timing"]["stats_seconds"]
+    rows["rome_single_s_per_edit"] = total / n_single
+    for method in ("memit", "emmet"):
+        editor = get_editor(method)
+        cfg = make_config(method, lm.name, lm.model)
+        for size in sizes:
+            patch, dt = timed(lambda: editor.fn(lm.model, lm.tokenizer, requests[:size], cfg, progress=False,
+                                                announce=lambda *_: None))
+            rows[f"{method}_batch{size}_s_per_edit"] = (dt - patch.meta["timing"]["stats_seconds"]) / size
+    return rows
+
+
+def bench_batched_values(lm, requests, n):
+    """Batched v* for n requests vs the sum of n one-request optimisations (same code path, same config)."""
+    from lmedit.editors import make_config
+    from lmedit.locate.context import context_templates
+    from lmedit.locate.values import compute_values
+
+    cfg = make_config("memit", lm.name, lm.model)
+    templates = context_templates(lm.model, lm.tokenizer, cfg.n_context, cfg.context_length, cfg.seed)
+    layer = cfg.layers[-1]
+    batched, t_batched = timed(lambda: compute_values(lm.model, lm.tokenizer, requests[:n], layer, templates,
+                                                      cfg.value, progress=False))
+    t_single = 0.0
+    singles = []
+    for r in requests[:n]:
+        v, dt = timed(lambda: compute_values(lm.model, lm.tokenizer, [r], layer, templates, cfg.value, progress=False))
+        t_single += dt
+        singles.append(v.delta)
+    max_diff = (torch.cat(singles) - batched.delta).abs().max().item()
+    return {"values_n": n, "values_batched_s": t_batched, "values_one_by_one_s": t_single,
+            "values_batched_over_one_by_one": t_batched / t_single, "values_max_abs_diff": max_diff}
+
+
+def bench_stats(lm, n_tokens):
+    """Statistics pass vs a plain forward over the same tokens, stopped after the same layer."""
+    from lmedit.editors import make_config
+    from lmedit.models.arch import mlp_out_module
+    from lmedit.models.hooks import capture_io, run_until_stop
+    from lmedit.stats.corpora import wiki_corpus
+    from lmedit.stats.moments import _batches, compute_second_moments
+
+    layers = list(make_config("memit", lm.name, lm.model).layers)
+    corpus = wiki_corpus()
+    _, t_stats = timed(lambda: compute_second_moments(lm.model, lm.tokenizer, layers, corpus, n_tokens, progress=False))
+    # the plain forward: same batches, same stop point, no accumulation
+    stop = {str(layers[-1]): mlp_out_module(lm.model, layers[-1])}
+    pad = lm.tokenizer.pad_token_id
+
+    def plain():
+        seen = 0
+        with torch.no_grad():
+            for _, batch in _batches(lm.tokenizer, corpus, 0, 256, 16):
+                if seen >= n_tokens:
+                    break
+                width = max(len(x) for x in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, x in enumerate(batch):
+                    ids[i, : len(x)] = torch.tensor(x)
+                    mask[i, : len(x)] = 1
+                with capture_io(stop, inputs=False, stop_after=str(layers[-1])):
+                    run_until_stop(lambda: lm.model(input_ids=ids, attention_mask=mask))
+                seen += int(mask.sum())
+
+    _, t_plain = timed(plain)
+    return {"stats_tokens": n_tokens, "stats_layers": layers, "stats_s": t_stats, "plain_forward_s": t_plain,
+            "stats_throughput_over_plain_forward": t_plain / t_stats}
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--values-n", type=int, default=100)
+    parser.add_argument("--sizes", default="10,100")
+    parser.add_argument("--stats-tokens", type=int, default=20_000)
+    args = parser.parse_args()
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    from lmedit.editors import make_config
+    from lmedit.models import load_model
+    from lmedit.requests import load_requests
+    from lmedit.stats.moments import load_or_compute
+
+    lm = load_model("smollm2-135m")
+    requests = load_requests(DATA, limit=max(args.values_n, *map(int, args.sizes.split(","))))
+    for method in ("rome", "memit", "emmet"):  # statistics are not part of the edit timings
+        cfg = make_config(method, lm.name, lm.model)
+        load_or_compute(lm.model, lm.tokenizer, list(cfg.layers), cfg.stats_corpus, cfg.stats_tokens)
+    result = {"model": lm.name, "torch_threads": torch.get_num_threads()}
+    print("editors ...", file=sys.stderr)
+    result.update(bench_editors(lm, requests, [int(s) for s in args.sizes.split(",")]))
+    print("batched v* ...", file=sys.stderr)
+    result.update(bench_batched_values(lm, requests, args.values_n))
+    print("statistics ...", file=sys.stderr)
+    result.update(bench_stats(lm, args.stats_tokens))
+    result["peak_rss_mb"] = peak_rss_mb()
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "locate.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| measurement | value |", "|---|---|"]
+    for k, v in result.items():
+        lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    (OUT / "locate.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

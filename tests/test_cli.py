@@ -1,0 +1,130 @@
+"""Bad input through the CLI: one line on stderr, exit code 2, no traceback, no half-written output."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from lmedit import cli
+
+GOOD = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
+        "target_new": "Rome", "target_true": "Paris"}
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["lmedit", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err
+    return exc.value.code, err
+
+
+def assert_one_line_error(code: int, err: str, *phrases: str) -> None:
+    assert code == 2, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for phrase in phrases:
+        assert phrase in err, err
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_subject_not_in_prompt(tmp_path, monkeypatch, capsys):
+    reqs = write_jsonl(tmp_path / "r.jsonl", [GOOD, {**GOOD, "subject": "Big Ben"}])
+    code, err = run_cli(monkeypatch, capsys, "edit", "--requests", reqs, "--out", str(tmp_path / "p"))
+    assert_one_line_error(code, err, "line 2", "Big Ben", "does not occur")
+    assert not (tmp_path / "p").exists()
+
+
+def test_empty_target(tmp_path, monkeypatch, capsys):
+    reqs = write_jsonl(tmp_path / "r.jsonl", [{**GOOD, "target_new": "  "}])
+    code, err = run_cli(monkeypatch, capsys, "edit", "--requests", reqs, "--out", str(tmp_path / "p"))
+    assert_one_line_error(code, err, "target_new")
+
+
+def test_malformed_jsonl_names_line(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + "{not json\n")
+    code, err = run_cli(monkeypatch, capsys, "edit", "--requests", str(path), "--out", str(tmp_path / "p"))
+    assert_one_line_error(code, err, "line 2")
+
+
+def test_malformed_json_names_line(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "cf.json"
+    path.write_text('[\n {"prompt": "x",\n  oops}\n]')
+    code, err = run_cli(monkeypatch, capsys, "eval", "counterfact", "--data", str(path), "--out", str(tmp_path / "o.json"))
+    assert_one_line_error(code, err, "line 3")
+
+
+def test_missing_file(tmp_path, monkeypatch, capsys):
+    code, err = run_cli(monkeypatch, capsys, "edit", "--requests", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "p"))
+    assert_one_line_error(code, err, "not found", "nope.jsonl")
+
+
+def test_unknown_model_type(tmp_path, monkeypatch, capsys):
+    model_dir = tmp_path / "bert"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    reqs = write_jsonl(tmp_path / "r.jsonl", [GOOD])
+    code, err = run_cli(monkeypatch, capsys, "edit", "--model", str(model_dir), "--requests", reqs,
+                        "--out", str(tmp_path / "p"))
+    assert_one_line_error(code, err, "unknown model architecture 'bert'", "llama")
+
+
+def test_unknown_method(tmp_path, monkeypatch, capsys):
+    reqs = write_jsonl(tmp_path / "r.jsonl", [GOOD])
+    code, err = run_cli(monkeypatch, capsys, "edit", "--method", "magic", "--requests", reqs, "--out", str(tmp_path / "p"))
+    assert_one_line_error(code, err, "unknown method 'magic'", "rome")
+
+
+def test_output_exists_without_force(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    reqs = write_jsonl(tmp_path / "r.jsonl", [GOOD])
+    code, err = run_cli(monkeypatch, capsys, "edit", "--requests", reqs, "--out", str(out))
+    assert_one_line_error(code, err, "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_eval_output_exists_without_force(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "res.json"
+    out.write_text("{}")
+    code, err = run_cli(monkeypatch, capsys, "eval", "counterfact", "--data", "x.json", "--out", str(out))
+    assert_one_line_error(code, err, "already exists")
+    assert out.read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_layer_out_of_range(tmp_path, monkeypatch, capsys):
+    reqs = write_jsonl(tmp_path / "r.jsonl", [GOOD])
+    code, err = run_cli(monkeypatch, capsys, "edit", "--method", "rome", "--requests", reqs,
+                        "--out", str(tmp_path / "p"), "--set", "layers=99")
+    assert_one_line_error(code, err, "layer 99 is out of range", "0..29")
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.slow
+def test_patch_for_another_model_is_refused(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from lmedit.patches import Delta, Patch
+
+    name = "model.layers.4.mlp.down_proj.weight"
+    Patch({name: Delta(dense=torch.zeros(576, 1536))}, {"base_fingerprint": "0" * 64, "method": "test"}).save(tmp_path / "p")
+    code, err = run_cli(monkeypatch, capsys, "export", "--patch", str(tmp_path / "p"), "--out", str(tmp_path / "m"))
+    assert_one_line_error(code, err, "different base model")
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_set_value(tmp_path, monkeypatch, capsys):
+    reqs = write_jsonl(tmp_path / "r.jsonl", [GOOD])
+    code, err = run_cli(monkeypatch, capsys, "edit", "--method", "memit", "--requests", reqs,
+                        "--out", str(tmp_path / "p"), "--set", "no_such_knob=1")
+    assert_one_line_error(code, err, "unknown setting 'no_such_knob'", "mom2_weight")
