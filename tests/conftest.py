@@ -6,6 +6,7 @@ tokenize as they do on the embedded model while every forward pass stays cheap.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ import torch
 
 import lmedit.models
 from lmedit.models.loading import _finish, cache_dir
+
+# One intra-op thread by default: these models are tiny, and on a busy 2-core machine two OpenMP threads wait on
+# each other so long that a 32x64 matmul takes ~15 ms instead of ~4 us (even SmolLM2 runs 5x slower with 2).
+torch.set_num_threads(int(os.environ.get("LMEDIT_TEST_THREADS", "1")))
 
 # The user cache as it is when the session starts: tests that point LMEDIT_CACHE elsewhere (monkeypatch)
 # must not move the embedded model's cached copy.

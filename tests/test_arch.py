@@ -112,12 +112,36 @@ def test_prefix_cache_matches_plain_forward(loaded, tokenizer):
         got = cache.forward(torch.arange(len(rows)))
         subset = torch.tensor([3, 0, 2])
         got_subset = cache.forward(subset)
+        chunked = PrefixCache(model, batch, chunk=2).forward(torch.arange(len(rows)))  # prefixes in 3 chunks
+    torch.testing.assert_close(chunked, got, atol=1e-6, rtol=1e-6)
     for i, (ids, s) in enumerate(zip(rows, splits)):
         want = _plain_final_hidden(model, ids)[s:]
         torch.testing.assert_close(got[i, : len(ids) - s], want, atol=1e-5, rtol=1e-5)
     for j, i in enumerate(subset.tolist()):
         want = _plain_final_hidden(model, rows[i])[splits[i]:]
         torch.testing.assert_close(got_subset[j, : len(rows[i]) - splits[i]], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma3_text"])
+def test_prefix_cache_with_a_short_sliding_window(kind, tokenizer):
+    """Prefixes longer than the attention window: the cached keys must still line up with the mask."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from lmedit.models.loading import _finish
+
+    config = tiny_config(kind, len(tokenizer))
+    config.sliding_window = 8
+    torch.manual_seed(0)
+    model = _finish(AutoModelForCausalLM.from_config(config), tokenizer, kind).model
+    g = torch.Generator().manual_seed(2)
+    lengths_splits = [(14, 12), (6, 2), (20, 0)]
+    rows = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n, _ in lengths_splits]
+    splits = [s for _, s in lengths_splits]
+    with torch.no_grad():
+        got = PrefixCache(model, SplitBatch.build(rows, splits, tokenizer.pad_token_id, "cpu")).forward(torch.arange(3))
+    for i, (ids, s) in enumerate(zip(rows, splits)):
+        torch.testing.assert_close(got[i, : len(ids) - s], _plain_final_hidden(model, ids)[s:], atol=1e-5, rtol=1e-5)
 
 
 def test_prefix_cache_all_prefixes_empty(loaded, tokenizer):

@@ -55,7 +55,10 @@ def _coerce(value: Any, current: Any, key: str):
             if isinstance(current, int):
                 return int(text)
             if isinstance(current, float):
-                return float(text)
+                value = float(text)
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise InputError(f"--set {key}: value must be finite, got {value}")
+                return value
             if isinstance(current, tuple):
                 return tuple(int(x) for x in text.replace("[", "").replace("]", "").split(",") if x.strip())
         except ValueError:

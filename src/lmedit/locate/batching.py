@@ -69,7 +69,10 @@ class PrefixCache:
         with torch.no_grad():
             for lo in range(0, batch.prefix_ids.shape[0], chunk):
                 ids, mask = batch.prefix_ids[lo:lo + chunk], batch.prefix_mask[lo:lo + chunk]
-                out = body(model)(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+                # A plain DynamicCache keeps every prefix key: sliding-window cache layers would drop keys and
+                # break the alignment with the [prefix, suffix] mask (the mask itself still applies the window).
+                out = body(model)(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                                  past_key_values=DynamicCache(), use_cache=True)
                 parts.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
         self.kv = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts]))
                    for i in range(len(parts[0]))]
@@ -81,7 +84,7 @@ class PrefixCache:
         positions = prefix_mask.sum(1, keepdim=True) + torch.arange(suffix_mask.shape[1], device=rows.device)
         cache = None
         if self.kv is not None:
-            cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.kv], config=self.model.config)
+            cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.kv])
         out = body(self.model)(input_ids=b.suffix_ids[rows], attention_mask=torch.cat([prefix_mask, suffix_mask], 1),
                                position_ids=positions, past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state

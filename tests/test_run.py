@@ -1,0 +1,54 @@
+"""Edit-then-score modes: batch vs sequential, the model left untouched, the result JSON's shape."""
+
+from __future__ import annotations
+
+import torch
+
+from lmedit.evaluate.run import run_edit_eval
+from lmedit.models.arch import get_module
+from lmedit.requests import EditRequest
+
+REQUESTS = [
+    EditRequest("The capital of France is", "France", "Rome", "Paris", paraphrases=("France's capital city is",),
+                neighborhood=(("The capital of Spain is", "Madrid"),)),
+    EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French",
+                neighborhood=(("Michel Rocard is a native speaker of", "French"),)),
+    EditRequest("Toyota was founded in the country of", "Toyota", "Germany", "Japan"),
+]
+FAST = {"identity_cov": "true", "mom2_weight": "0.01", "layers": "1,2", "value.steps": "5", "n_context": "1"}
+
+
+def _editable(lm):
+    """Scale the random unembedding so a residual at the edit point can move the tiny model's predictions."""
+    with torch.no_grad():
+        get_module(lm.model, lm.arch.unembed).weight.mul_(30.0)
+    return lm
+
+
+def _logps(result):
+    return [r["prompt"]["logp_new"] for r in result["records"]]
+
+
+def test_sequential_differs_from_batch_and_model_is_untouched(tiny_model):
+    lm = _editable(tiny_model("llama"))
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    batch = run_edit_eval(lm, "memit", REQUESTS, batch_size=1, overrides=FAST, progress=False, announce=lambda *_: None)
+    seq = run_edit_eval(lm, "memit", REQUESTS, batch_size=1, sequential=True, overrides=FAST, progress=False,
+                        announce=lambda *_: None)
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+    # The first record: batch mode scores it with only its own edit, sequential mode with all three.
+    assert abs(_logps(batch)[0] - _logps(seq)[0]) > 1e-6
+    # The unedited numbers do not depend on the mode.
+    assert batch["baseline"] == seq["baseline"]
+    for key in ("task", "model", "method", "config", "n", "batch_size", "sequential", "metrics", "baseline", "timing"):
+        assert key in batch
+    assert batch["n"] == 3 and batch["sequential"] is False and seq["sequential"] is True
+    assert set(batch["metrics"]) >= {"efficacy", "generalization", "specificity", "edit_score"}
+
+
+def test_one_batch_equals_editing_all_at_once(tiny_model):
+    lm = _editable(tiny_model("llama"))
+    whole = run_edit_eval(lm, "emmet", REQUESTS, batch_size=None, overrides=FAST, progress=False, announce=lambda *_: None)
+    explicit = run_edit_eval(lm, "emmet", REQUESTS, batch_size=3, overrides=FAST, progress=False, announce=lambda *_: None)
+    assert whole["batch_size"] == 3
+    assert _logps(whole) == _logps(explicit)
