@@ -65,8 +65,17 @@ def bench_batched_values(lm, requests, n):
         t_single += dt
         singles.append(v.delta)
     max_diff = (torch.cat(singles) - batched.delta).abs().max().item()
+    # the reference implementations' way: one request at a time, every full prompt at every step
+    t_reference = 0.0
+    for r in requests[:n]:
+        _, dt = timed(lambda: compute_values(lm.model, lm.tokenizer, [r], layer, templates, cfg.value, progress=False,
+                                             cache_prefix=False))
+        t_reference += dt
     return {"values_n": n, "values_batched_s": t_batched, "values_one_by_one_s": t_single,
-            "values_batched_over_one_by_one": t_batched / t_single, "values_max_abs_diff": max_diff}
+            "values_one_by_one_reference_style_s": t_reference,
+            "values_batched_over_one_by_one": t_batched / t_single,
+            "values_batched_over_one_by_one_reference_style": t_batched / t_reference,
+            "values_max_abs_diff_batched_vs_single": max_diff}
 
 
 def bench_stats(lm, n_tokens):

@@ -303,6 +303,17 @@ def test_batched_values_equal_one_by_one(tiny, tokenizer, dtype):
     assert (together.delta.norm(dim=1) <= VALUE.clamp_norm_factor * together.v0.norm(dim=1) * (1 + 1e-5)).all()
 
 
+def test_prefix_cache_gives_the_reference_values(tiny, tokenizer):
+    """Running the frozen prefixes once (KV cache) = running every full prompt at every step (float64)."""
+    model = copy.deepcopy(tiny.model).to(torch.float64)
+    templates = context_templates(model, tokenizer, CONTEXT["n_context"], CONTEXT["context_length"], CONTEXT["seed"])
+    cached = compute_values(model, tokenizer, REQUESTS, 2, templates, VALUE, progress=False)
+    full = compute_values(model, tokenizer, REQUESTS, 2, templates, VALUE, progress=False, cache_prefix=False)
+    assert cached.steps.tolist() == full.steps.tolist()
+    torch.testing.assert_close(cached.v0, full.v0, atol=1e-9, rtol=0)
+    torch.testing.assert_close(cached.delta, full.delta, atol=1e-6, rtol=0)
+
+
 def test_values_of_a_weight_matrix_view(tiny):
     """weight_as_matrix gives (out, in) for both layouts: W k through the module equals the matrix product."""
     W = mlp_out_module(tiny.model, 1)

@@ -70,11 +70,18 @@ def _rows(tokenizer, requests: list[EditRequest], templates: list[str]):
 
 
 def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], layer: int,
-                   templates: list[str], config: ValueConfig = ValueConfig(), progress: bool = True) -> Values:
-    """Batched v* for all requests at `layer` (δ added to the output of W there)."""
+                   templates: list[str], config: ValueConfig = ValueConfig(), progress: bool = True,
+                   cache_prefix: bool = True) -> Values:
+    """Batched v* for all requests at `layer` (δ added to the output of W there).
+
+    cache_prefix=False runs every full prompt at every step, as the reference implementations do (kept for
+    the benchmark and the equivalence test)."""
     W = mlp_out_module(model, layer)
     device = next(W.parameters()).device
-    rows, splits, owner, kinds, targets = _rows(tokenizer, requests, templates)
+    rows, subject_last, owner, kinds, targets = _rows(tokenizer, requests, templates)
+    splits = subject_last if cache_prefix else [0] * len(rows)
+    # column of the suffix where δ is added: the last subject token
+    delta_col = torch.tensor([last - split for last, split in zip(subject_last, splits)], device=device)
     batch = SplitBatch.build(rows, splits, tokenizer.pad_token_id, device)
     cache = PrefixCache(model, batch)
     n, n_rows = len(requests), len(rows)
@@ -103,17 +110,19 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
     target_prob = torch.zeros(n)
     row_delta = {"rows": None}
 
-    def add_delta(out):  # out: (rows, S, d); column 0 is each row's last subject token
+    def add_delta(out):  # out: (rows, S, d); δ goes to each row's last subject token
         rows_now = row_delta["rows"]
         if rows_now is None:
             return out
         out = out.clone()
-        out[:, 0] = out[:, 0] + delta[owner_t[rows_now]].to(out.dtype)
+        at = torch.arange(len(rows_now), device=device), delta_col[rows_now]
+        out[at] = out[at] + delta[owner_t[rows_now]].to(out.dtype)
         return out
 
     def capture_v0(out):
-        bare = [r for r in range(n_rows) if kinds[r] == "rewrite" and templates[(r % (len(templates) + 1))] == "{}"]
-        v0.copy_(out[bare, 0].float())
+        bare = torch.tensor([r for r in range(n_rows) if kinds[r] == "rewrite"
+                             and templates[r % (len(templates) + 1)] == "{}"], device=device)
+        v0.copy_(out[bare, delta_col[bare]].float())
         return out
 
     def loss_terms(rows_now: torch.Tensor, kl_init: torch.Tensor | None):
