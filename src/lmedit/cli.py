@@ -123,20 +123,8 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     console.print(f"saved {method} patch for {len(reqs)} request(s) to {out}")
 
 
-@eval_app.command("counterfact")
-def eval_counterfact(data: Path = typer.Option(..., "--data", help="CounterFact file (EasyEdit flat or ROME nested)"),
-                     out: Path = typer.Option(..., "--out", "-o", help="result JSON file"),
-                     model: str = ModelOpt,
-                     method: str = typer.Option("memit", help="rome | memit | emmet"),
-                     limit: Optional[int] = typer.Option(None, help="only the first N records"),
-                     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="edits per batch (default: all)"),
-                     sequential: bool = typer.Option(False, help="each batch on top of the previous ones"),
-                     sets: Optional[list[str]] = SetOpt,
-                     force: bool = ForceOpt) -> None:
-    """Edit CounterFact records and score efficacy, generalisation, specificity, edit score.
-
-    Example: lmedit eval counterfact --method rome --data counterfact-edit.json --limit 100 --batch-size 1 --out rome.json
-    """
+def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: Optional[int],
+              batch_size: Optional[int], sequential: bool, sets: Optional[list[str]], force: bool) -> None:
     from lmedit.editors import get_editor
     from lmedit.evaluate.run import run_edit_eval
     from lmedit.fileio import atomic_write_json, check_writable
@@ -146,14 +134,51 @@ def eval_counterfact(data: Path = typer.Option(..., "--data", help="CounterFact 
     get_editor(method)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    reqs = load_requests(data, limit=limit)
+    reqs = load_requests(data, fmt="zsre" if task == "zsre" else "auto", limit=limit)
+    if task == "zsre":
+        from lmedit.evaluate import zsre
+
+        scoring = dict(scorer=zsre.ZsreScorer(), aggregator=zsre.aggregate)
+    else:
+        scoring = {}
     lm = _load(model)
-    result = run_edit_eval(lm, method, reqs, batch_size, sequential, _parse_sets(sets), announce=console.print)
+    result = run_edit_eval(lm, method, reqs, batch_size, sequential, _parse_sets(sets), task=task,
+                           announce=console.print, **scoring)
     atomic_write_json(out, result)
     console.print(_metrics_table(result))
     t = result["timing"]
     console.print(f"edit {t['edit_seconds']:.1f}s ({t['seconds_per_edit']:.2f}s/edit), eval {t['eval_seconds']:.1f}s, "
                   f"peak RSS {t['peak_rss_mb']:.0f} MB → {out}")
+
+
+DataOpt = typer.Option(..., "--data", help="data file")
+OutOpt = typer.Option(..., "--out", "-o", help="result JSON file")
+MethodOpt = typer.Option("memit", help="rome | memit | emmet")
+LimitOpt = typer.Option(None, help="only the first N records")
+BatchOpt = typer.Option(None, "--batch-size", help="edits per batch (default: all at once; 1 = each edit alone)")
+SeqOpt = typer.Option(False, help="each batch on top of the previous ones, all scored at the end")
+
+
+@eval_app.command("counterfact")
+def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
+                     limit: Optional[int] = LimitOpt, batch_size: Optional[int] = BatchOpt, sequential: bool = SeqOpt,
+                     sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
+    """Edit CounterFact records; score efficacy, generalisation, specificity, edit score (probability comparison).
+
+    Example: lmedit eval counterfact --method rome --data counterfact-edit.json --limit 100 --batch-size 1 --out rome.json
+    """
+    _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force)
+
+
+@eval_app.command("zsre")
+def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
+              limit: Optional[int] = LimitOpt, batch_size: Optional[int] = BatchOpt, sequential: bool = SeqOpt,
+              sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
+    """Edit zsRE records (MEND format); score token-level top-1 accuracy and locality.
+
+    Example: lmedit eval zsre --method memit --data zsre-500.json --out memit-zsre.json
+    """
+    _run_eval("zsre", data, out, model, method, limit, batch_size, sequential, sets, force)
 
 
 @stats_app.command("compute")
