@@ -52,3 +52,34 @@ def test_one_batch_equals_editing_all_at_once(tiny_model):
     explicit = run_edit_eval(lm, "emmet", REQUESTS, batch_size=3, overrides=FAST, progress=False, announce=lambda *_: None)
     assert whole["batch_size"] == 3
     assert _logps(whole) == _logps(explicit)
+
+
+def test_report_tables_and_plots(tiny_model, tmp_path):
+    import json
+
+    from lmedit.evaluate.report import build_report
+
+    lm = _editable(tiny_model("llama"))
+    paths = []
+    for bs in (1, 3):
+        result = run_edit_eval(lm, "memit", REQUESTS, batch_size=bs, overrides=FAST, progress=False,
+                               announce=lambda *_: None)
+        paths.append(tmp_path / f"memit{bs}.json")
+        paths[-1].write_text(json.dumps(result))
+    md = build_report(paths, tmp_path / "rep").read_text()
+    assert "| unedited |" in md and md.count("| memit L1-2 (batch") == 2
+    assert f"{result['baseline']['efficacy']:.3f}" in md
+    assert (tmp_path / "rep" / "counterfact_metrics.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "counterfact_scaling.png").stat().st_size > 1000
+
+
+def test_report_rejects_other_files(tmp_path):
+    import pytest
+
+    from lmedit.errors import InputError
+    from lmedit.evaluate.report import build_report
+
+    bad = tmp_path / "x.json"
+    bad.write_text('{"task": "counterfact"}')
+    with pytest.raises(InputError, match="not an lmedit evaluation result"):
+        build_report([bad], tmp_path / "rep")

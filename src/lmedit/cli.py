@@ -261,6 +261,22 @@ def export(patch: Path = typer.Option(..., "--patch", "-p", help="patch director
     console.print(f"wrote the edited model to {out}")
 
 
+@app.command()
+def report(results: list[Path] = typer.Argument(..., help="result JSON files from `lmedit eval`"),
+           out: Path = typer.Option(Path("report"), "--out", "-o", help="output directory"),
+           force: bool = ForceOpt) -> None:
+    """Turn result files into one markdown page with tables and PNG plots.
+
+    Example: lmedit report rome.json memit.json emmet.json --out report
+    """
+    from lmedit.evaluate.report import build_report
+    from lmedit.fileio import check_writable
+
+    if (out / "report.md").exists():
+        check_writable(out / "report.md", force)
+    console.print(f"wrote {build_report(results, out)}")
+
+
 def main() -> None:
     import click
 

@@ -1,0 +1,117 @@
+"""`lmedit report`: many result files → one markdown page with tables (unedited row included) and PNG plots.
+
+Results of one task go in one table (method × metric); results of a sweep (same task and method, several
+batch sizes) become metric-vs-number-of-edits curves.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from lmedit.errors import InputError
+from lmedit.fileio import atomic_write_bytes, read_json
+
+METRICS = {"counterfact": ("efficacy", "generalization", "specificity", "edit_score"),
+           "zsre": ("efficacy", "generalization", "locality", "edit_score")}
+REQUIRED = ("task", "method", "metrics", "baseline", "n")
+
+
+def load_result(path: Path) -> dict:
+    result = read_json(path)
+    if not isinstance(result, dict) or any(k not in result for k in REQUIRED):
+        raise InputError(f"{path} is not an lmedit evaluation result (expected keys {', '.join(REQUIRED)})")
+    if result["task"] not in METRICS:
+        raise InputError(f"{path}: task {result['task']!r} has no report yet (known: {', '.join(METRICS)})")
+    return result
+
+
+def _label(r: dict) -> str:
+    mode = "sequential" if r.get("sequential") else "batch"
+    layers = (r.get("config") or {}).get("layers")
+    where = f" L{'-'.join(map(str, layers))}" if layers else ""
+    return f"{r['method']}{where} ({mode} {r.get('batch_size')}, n={r['n']})"
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
+
+
+def _bar_plot(task: str, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = METRICS[task]
+    labels = ["unedited"] + [_label(r) for r in rows]
+    values = [[rows[0]["baseline"].get(m) or 0 for m in metrics]] + [[r["metrics"].get(m) or 0 for m in metrics]
+                                                                       for r in rows]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(metrics), 3.6))
+    width = 0.8 / len(labels)
+    for i, (label, vals) in enumerate(zip(labels, values)):
+        ax.bar([j + i * width for j in range(len(metrics))], vals, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{task}: {rows[0]['model']}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _sweep_plot(task: str, sweeps: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = METRICS[task]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), sharey=True)
+    for ax, metric in zip(axes, metrics):
+        for label, rs in sweeps.items():
+            rs = sorted(rs, key=lambda r: r["batch_size"])
+            ax.plot([r["batch_size"] for r in rs], [r["metrics"].get(metric) or 0 for r in rs], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_title(metric)
+        ax.set_xlabel("edits per batch")
+    axes[0].set_ylim(0, 1.05)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_report(paths: list[Path], out_dir: Path) -> Path:
+    """Write out_dir/report.md and its PNGs; return the markdown path."""
+    if not paths:
+        raise InputError("give at least one result file")
+    results = [load_result(Path(p)) for p in paths]
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        by_task[r["task"]].append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# lmedit report", ""]
+    for task, rows in by_task.items():
+        metrics = METRICS[task]
+        lines += [f"## {task}", "", f"Protocol: {rows[0].get('protocol') or 'see DESIGN §8'}", "",
+                  "| method | " + " | ".join(metrics) + " | s/edit |", "|---" * (len(metrics) + 2) + "|"]
+        lines.append("| unedited | " + " | ".join(_fmt(rows[0]["baseline"].get(m)) for m in metrics) + " | |")
+        for r in rows:
+            spe = r.get("timing", {}).get("seconds_per_edit")
+            lines.append(f"| {_label(r)} | " + " | ".join(_fmt(r["metrics"].get(m)) for m in metrics) +
+                         f" | {_fmt(spe)} |")
+        bars = out_dir / f"{task}_metrics.png"
+        _bar_plot(task, rows, bars)
+        lines += ["", f"![{task} metrics]({bars.name})", ""]
+        sweeps: dict[str, list[dict]] = defaultdict(list)
+        for r in rows:
+            sweeps[f"{r['method']}{' sequential' if r.get('sequential') else ''}"].append(r)
+        sweeps = {k: v for k, v in sweeps.items() if len({r["batch_size"] for r in v}) > 1}
+        if sweeps:
+            curve = out_dir / f"{task}_scaling.png"
+            _sweep_plot(task, sweeps, curve)
+            lines += [f"![{task} metric vs number of edits]({curve.name})", ""]
+    md = out_dir / "report.md"
+    atomic_write_bytes(md, "\n".join(lines).encode())
+    return md
