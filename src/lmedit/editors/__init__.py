@@ -41,7 +41,7 @@ def editor_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from lmedit.editors import emmet, memit, rome  # noqa: F401  (each registers itself)
+    from lmedit.editors import emmet, finetune, lora, memit, rome  # noqa: F401  (each registers itself)
 
 
 def _coerce(value: Any, current: Any, key: str):

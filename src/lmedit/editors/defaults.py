@@ -12,7 +12,7 @@ from lmedit.models.arch import num_layers
 
 # (method, model) -> settings. "layers" are absolute layer indices.
 DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("rome", "smollm2-135m"): {"layers": (4,), "value.clamp_norm_factor": 4.0, "value.steps": 20},
+    ("rome", "smollm2-135m"): {"layers": (6,), "value.clamp_norm_factor": 4.0, "value.steps": 20},
     ("memit", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6), "mom2_weight": 15000.0},
     ("emmet", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6), "mom2_weight": 15000.0, "mu": 0.1},
     # GPT-J and GPT-2 XL rows as published with ROME/MEMIT
@@ -20,6 +20,16 @@ DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("memit", "gptj"): {"layers": (3, 4, 5, 6, 7, 8), "mom2_weight": 15000.0, "value.clamp_norm_factor": 0.75},
     ("rome", "gpt2"): {"layers": (17,), "value.clamp_norm_factor": 4.0},
     ("memit", "gpt2"): {"layers": (13, 14, 15, 16, 17), "mom2_weight": 20000.0, "value.clamp_norm_factor": 0.75},
+    # Fine-tuning editors train the MLP output projections of MEMIT's edit layers (lr, epochs: dataclass defaults)
+    ("ft", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6)},
+    ("ft-conditional", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6)},
+    ("lora", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6)},
+    ("ft", "gptj"): {"layers": (3, 4, 5, 6, 7, 8)},
+    ("ft-conditional", "gptj"): {"layers": (3, 4, 5, 6, 7, 8)},
+    ("lora", "gptj"): {"layers": (3, 4, 5, 6, 7, 8)},
+    ("ft", "gpt2"): {"layers": (13, 14, 15, 16, 17)},
+    ("ft-conditional", "gpt2"): {"layers": (13, 14, 15, 16, 17)},
+    ("lora", "gpt2"): {"layers": (13, 14, 15, 16, 17)},
 }
 
 

@@ -45,7 +45,7 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("gptj", "transformer.h", "mlp.fc_out", "mlp.fc_in", "attn.out_proj", "transformer.ln_f", "lm_head",
              "transformer.wte"),
         Arch("gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h", "attention.dense",
-             "gpt_neox.final_layer_norm", "embed_out", "gpt_neox.embed_in"),
+             "gpt_neox.final_layer_norm", "lm_head", "gpt_neox.embed_in"),
         Arch("llama", **_LLAMA_LIKE),
         Arch("mistral", **_LLAMA_LIKE),
         Arch("qwen2", **_LLAMA_LIKE),

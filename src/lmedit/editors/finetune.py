@@ -1,0 +1,447 @@
+"""Fine-tuning editors: `ft` (loss on prompt + target, the naive baseline) and `ft-conditional` (loss on the
+target only: Gangadhar & Stratos 2024, "Model Editing by Standard Fine-Tuning"), sharing the one training loop
+that `lora` reuses. DESIGN.md §5.
+
+Conditional likelihood, over the examples e = (x_e, y_e) of a mini-batch B:
+
+    L(θ) = −(1/|B|) Σ_e (1/|y_e|) Σ_t log p_θ(y_e,t | x_e, y_e,<t)        (the prompt x_e adds no term)
+
+`ft` averages −log p_θ over every token of x_e y_e instead. The training set holds, per edit, the edit
+(prompt → target_new), m random paraphrases (a model-written random prefix + the prompt → target_new) and r random
+facts (another prompt → its true answer, drawn from a pool) that anchor locality. Regularisers: the
+projection W ← clamp(W, W₀ − ε, W₀ + ε) after every step (‖W − W₀‖∞ ≤ ε) and β·KL(p₀ ‖ p_θ) on unrelated text.
+Training runs on the model in place; the trained tensors are restored bit-for-bit in a `finally` and the result is
+a Patch of ΔW = W − W₀, so the model leaves as it came.
+
+Mass editing (mode="mass") trains all edits of a call together in shuffled mini-batches; mode="single" trains each
+edit alone from W₀ and sums the deltas into one patch. The evaluation runner's `--batch-size 1` makes one call
+per edit instead (each scored alone), which is single editing with either mode.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmedit import __version__
+from lmedit.editors import register_editor
+from lmedit.errors import EditFailure, InputError
+from lmedit.locate.context import context_templates
+from lmedit.locate.prompts import encode, with_target
+from lmedit.models.arch import arch_for, block, check_layer, get_module, num_layers
+from lmedit.patches import Delta, Patch, compose, fingerprint
+from lmedit.requests import EditRequest, load_requests
+
+KL_TEXT = (  # generic sentences about nothing an edit should touch
+    "The weather today is mild, with a light breeze coming in from the west.",
+    "She opened the book and began to read the first chapter aloud.",
+    "Water boils at a lower temperature high up in the mountains.",
+    "The meeting was moved to Thursday afternoon because of the holiday.",
+    "He bought bread, cheese and apples at the market on the corner.",
+)
+ROLES = ("mlp_out", "mlp_in", "attn_out")  # module roles of the architecture table, at each of `layers`
+DIVERGED = 1e4  # ‖W‖ above this many times its initial norm: no edit needs that, the step size is wrong
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of the shared training loop (ft, ft-conditional, lora). Per-model defaults: `editors.defaults`."""
+
+    layers: tuple[int, ...] = ()  # layers whose modules train; () = the locate defaults (MEMIT's edit layers)
+    modules: tuple[str, ...] | None = None  # None = MLP output projections of `layers`; roles, module names, ("all",)
+    lr: float = 5e-4  # Adam: each step moves a weight by at most about lr
+    epochs: int = 10  # passes over the augmented training set (early stopping usually ends sooner)
+    batch_size: int = 16  # examples per optimiser step
+    seed: int = 0  # shuffling, prefix generation and the augmentation draws
+    mode: Literal["mass", "single"] = "mass"  # mass: edits together in shuffled batches; single: each alone, summed
+    n_paraphrases: int = 0  # m: random prefix + prompt → target_new, per edit (generalisation)
+    prefix_pool: int = 20  # prefixes generated once per call; each edit draws its m from them
+    prefix_length: int = 10  # tokens per generated prefix
+    n_random_facts: int = 0  # r: unrelated prompt → true answer, per edit (locality)
+    facts_file: str | None = None  # the fact pool (any load_requests format, target_true used); None = other edits
+    kl_factor: float = 0.0  # β on KL(p₀ ‖ p_θ) over kl_text; 0 = off
+    kl_text: tuple[str, ...] = KL_TEXT  # unrelated text the KL term keeps as it was
+    stop_prob: float | None = 0.9  # stop once every edit's P(target_new | prompt) exceeds this; None or 1 = off
+    patience: int = 3  # stop after this many epochs without `min_improvement` of the epoch loss; 0 = off
+    min_improvement: float = 0.01  # relative drop of the epoch loss that counts as progress
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    norm_constraint: float | None = None  # ε: after every step clamp W to W₀ ± ε elementwise; None = off
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+def _opt_float(value, name: str) -> float | None:
+    """A number, or None for off; --set gives strings for fields whose default is None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number or none, got {value!r}") from None
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be finite, got {value}")
+    return value
+
+
+def prepare(config: TrainConfig, model) -> TrainConfig:
+    """A checked copy with `layers` resolved and strings from --set parsed; bad values are an InputError."""
+    from lmedit.editors.defaults import defaults_for
+
+    layers = tuple(config.layers) or tuple(defaults_for("memit", model.config.model_type, model)["layers"])
+    for layer in layers:
+        check_layer(model, layer)
+    if list(layers) != sorted(set(layers)):
+        raise InputError(f"layers must be distinct and increasing, got {list(layers)}")
+    modules = config.modules
+    if isinstance(modules, str):
+        modules = tuple(m.strip() for m in modules.split(",") if m.strip())
+    config = replace(config, layers=layers, modules=tuple(modules) if modules else None,
+                     stop_prob=_opt_float(config.stop_prob, "stop_prob"))
+    if isinstance(config, FinetuneConfig):
+        config = replace(config, norm_constraint=_opt_float(config.norm_constraint, "norm_constraint"))
+        if config.norm_constraint is not None and config.norm_constraint <= 0:
+            raise InputError(f"norm_constraint (ε) must be positive or none, got {config.norm_constraint}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise InputError(f"lr must be a positive finite number, got {config.lr}")
+    for name in ("epochs", "batch_size", "prefix_pool", "prefix_length"):
+        if getattr(config, name) < 1:
+            raise InputError(f"{name} must be at least 1, got {getattr(config, name)}")
+    for name in ("n_paraphrases", "n_random_facts", "patience", "kl_factor", "min_improvement"):
+        if getattr(config, name) < 0:
+            raise InputError(f"{name} must not be negative, got {getattr(config, name)}")
+    if config.mode not in ("mass", "single"):
+        raise InputError(f"mode must be 'mass' or 'single', got {config.mode!r}")
+    if config.stop_prob is not None and not 0 < config.stop_prob <= 1:
+        raise InputError(f"stop_prob must lie in (0, 1] or be none, got {config.stop_prob}")
+    trainable_parameters(model, config.layers, config.modules)  # an unknown module name fails here, before any work
+    if config.kl_factor > 0 and not config.kl_text:
+        raise InputError("kl_factor > 0 needs some kl_text")
+    return config
+
+
+def _projections(module: nn.Module) -> list[str]:
+    """Names (relative to `module`) of its sub-modules holding a 2-D weight: the linear projections."""
+    return [n for n, m in module.named_modules()
+            if n and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+
+
+def resolve_modules(model, layers: tuple[int, ...], modules: tuple[str, ...] | None) -> list[str]:
+    """Module paths for a selection: a role (mlp_out, mlp_in, attn_out) or a module of a block (e.g. mlp.up_proj)
+    at each of `layers`; "all" = every projection of every block; or a full module path."""
+    arch = arch_for(model)
+    in_block = _projections(block(model, 0))
+    everywhere = set(_projections(model))
+    paths = []
+    for name in modules or ("mlp_out",):
+        if name == "all":
+            paths += [f"{arch.layers}.{l}.{n}" for l in range(num_layers(model)) for n in in_block]
+        elif name in ROLES:
+            paths += [f"{arch.layers}.{l}.{getattr(arch, name)}" for l in layers]
+        elif name in in_block:
+            paths += [f"{arch.layers}.{l}.{name}" for l in layers]
+        elif name in everywhere:
+            paths.append(name)
+        else:
+            raise InputError(f"unknown module {name!r}; valid: a role ({', '.join(ROLES)}), a module of each block "
+                             f"({', '.join(in_block)}), 'all', or a full module path such as "
+                             f"{arch.layers}.{layers[0]}.{arch.mlp_out}")
+    return list(dict.fromkeys(paths))
+
+
+def trainable_parameters(model, layers: tuple[int, ...], modules: tuple[str, ...] | None) -> list[str]:
+    """Parameter names to train: the weights of the selected modules; ("all",) = every parameter; full
+    parameter names are taken as they are."""
+    params = dict(model.named_parameters())  # tied weights once
+    if modules == ("all",):
+        return list(params)
+    names = []
+    for name in modules or ("mlp_out",):
+        names += [name] if name in params else [f"{m}.weight" for m in resolve_modules(model, layers, (name,))]
+    return list(dict.fromkeys(names))
+
+
+# ------------------------------------------------------------------------------------------------ training set
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    target: str
+    kind: Literal["edit", "paraphrase", "fact"]
+    edit: int  # index of the request it belongs to
+
+
+def load_fact_pool(path: str) -> list[tuple[str, str]]:
+    """(prompt, true answer) pairs from a requests file; a record without target_true is an InputError."""
+    try:
+        records = load_requests(path)
+    except InputError as e:
+        raise InputError(f"facts_file: {e}") from None
+    missing = [i for i, r in enumerate(records) if r.target_true is None]
+    if missing:
+        raise InputError(f"facts_file {path}: record {missing[0]} has no target_true (a random fact needs its true "
+                         f"answer; {len(missing)} of {len(records)} records lack one)")
+    return [(r.prompt, r.target_true) for r in records]
+
+
+def fact_pools(requests: list[EditRequest], facts: list[tuple[str, str]] | None) -> list[list[tuple[str, str]]]:
+    """Per edit, the facts it may draw: `facts`, or by default the other requests' true facts; never one with
+    the edit's own prompt (its old answer would pull against the edit)."""
+    if facts is None:
+        facts = [(r.prompt, r.target_true) for r in requests if r.target_true is not None]
+    return [[f for f in facts if f[0] != r.prompt] for r in requests]
+
+
+def augment(requests: list[EditRequest], prefixes: list[str], pools: list[list[tuple[str, str]]],
+            n_paraphrases: int, n_random_facts: int, seed: int) -> list[Example]:
+    """Per edit: the edit, `n_paraphrases` prefixes ("<text>. {}") drawn without replacement, `n_random_facts` facts
+    (without replacement while the pool allows). Each edit draws from its own generator, seeded by (seed, index)."""
+    if n_paraphrases > len(prefixes):
+        raise InputError(f"n_paraphrases={n_paraphrases} exceeds the {len(prefixes)} prefixes generated (prefix_pool)")
+    examples = []
+    for i, (req, pool) in enumerate(zip(requests, pools)):
+        rng = random.Random(f"lmedit-ft/{seed}/{i}")
+        examples.append(Example(req.prompt, req.target_new, "edit", i))
+        examples += [Example(t.replace("{}", req.prompt), req.target_new, "paraphrase", i)
+                     for t in rng.sample(prefixes, n_paraphrases)]
+        if n_random_facts:
+            if not pool:
+                raise InputError(f"no random facts to draw for request {i}: the other requests give none (a batch of "
+                                 "one has no others); name a pool with --set facts_file=PATH or set n_random_facts=0")
+            draw = rng.sample(pool, n_random_facts) if n_random_facts <= len(pool) else \
+                rng.choices(pool, k=n_random_facts)
+            examples += [Example(p, t, "fact", i) for p, t in draw]
+    return examples
+
+
+def build_examples(model, tokenizer, requests: list[EditRequest], config: TrainConfig) -> list[Example]:
+    facts = load_fact_pool(config.facts_file) if config.facts_file else None
+    if facts is not None and config.n_random_facts and not any(fact_pools(requests, facts)):
+        raise InputError(f"facts_file {config.facts_file}: no usable facts (all share an edit's prompt)")
+    prefixes = []
+    if config.n_paraphrases:
+        n = max(config.prefix_pool, config.n_paraphrases)
+        prefixes = context_templates(model, tokenizer, n, config.prefix_length, config.seed)[1:]
+    return augment(requests, prefixes, fact_pools(requests, facts), config.n_paraphrases, config.n_random_facts,
+                   config.seed)
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (b, t)
+    attention_mask: torch.Tensor  # (b, t)
+    labels: torch.Tensor  # (b, t): the token each position predicts
+    loss_mask: torch.Tensor  # (b, t) float: positions in the loss (targets only, or every real token)
+    target_mask: torch.Tensor  # (b, t) float: positions predicting target tokens
+
+
+def tokenize(tokenizer, ex: Example) -> tuple[list[int], list[int], int]:
+    """(input ids, labels, first target position) of prompt + target, by the one rule in locate.prompts."""
+    scored = with_target(encode(tokenizer, ex.prompt), tokenizer, ex.prompt, ex.target)
+    return scored.ids, scored.ids[1:] + [scored.target_ids[-1]], scored.first_target_pos
+
+
+def collate(encoded: list[tuple[list[int], list[int], int]], conditional: bool, pad_id: int, device) -> Batch:
+    """Right-padded batch; the conditional loss masks every position before the first target position."""
+    t = max(len(ids) for ids, _, _ in encoded)
+    ids, labels, loss, target = (torch.zeros(len(encoded), t, dtype=d) for d in (torch.long,) * 2 + (torch.float,) * 2)
+    ids.fill_(pad_id), labels.fill_(pad_id)
+    for row, (x, y, first) in enumerate(encoded):
+        ids[row, :len(x)], labels[row, :len(y)] = torch.tensor(x), torch.tensor(y)
+        loss[row, first if conditional else 0:len(x)] = 1.0
+        target[row, first:len(x)] = 1.0
+    mask = (torch.arange(t) < torch.tensor([len(x) for x, _, _ in encoded])[:, None]).long()
+    return Batch(*(v.to(device) for v in (ids, mask, labels, loss, target)))
+
+
+def example_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-example mean NLL over loss_mask, per-example log P(target | prompt), detached). Masked positions get
+    an exactly zero gradient: their log-probabilities are multiplied by 0 and nothing else reads them."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (b, t, vocab)
+    token = logp.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)  # (b, t)
+    loss = -(token * batch.loss_mask).sum(1) / batch.loss_mask.sum(1)
+    return loss, (token.detach() * batch.target_mask).sum(1)
+
+
+def _kl(model, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean over real tokens of KL(p₀ ‖ p_θ), with p₀'s log-probabilities `ref` taken before training."""
+    logp = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   use_cache=False).logits.float(), dim=-1)
+    kl = (ref.exp() * (ref - logp)).sum(-1)  # (b, t)
+    return (kl * batch.attention_mask).sum() / batch.attention_mask.sum()
+
+
+def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parameter], config: TrainConfig,
+          conditional: bool, progress: bool = True, project: Callable[[], None] | None = None,
+          desc: str = "ft") -> dict:
+    """Adam on `params` over shuffled mini-batches of `examples`; `project` runs after every step. Returns a summary
+    of the training curve. A non-finite loss or diverging weights raise EditFailure (the caller restores W₀).
+    Early stopping reads each edit's P(target_new | prompt) from its last forward pass (before that step)."""
+    device = get_module(model, arch_for(model).embed).weight.device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [tokenize(tokenizer, ex) for ex in examples]
+    ref = kl_batch = None
+    if config.kl_factor > 0:
+        kl_ids = [encode(tokenizer, t) for t in config.kl_text]
+        kl_batch = collate([(ids, ids, 0) for ids in kl_ids], False, pad_id, device)  # labels unused
+        with torch.no_grad():
+            ref = torch.log_softmax(model(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask,
+                                          use_cache=False).logits.float(), dim=-1)
+    norms0 = {n: float(p.detach().float().norm()) for n, p in params.items()}
+    optimiser = torch.optim.Adam(list(params.values()), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    edit_lp = {ex.edit: -math.inf for ex in examples if ex.kind == "edit"}
+    per_epoch = math.ceil(len(examples) / config.batch_size)
+    bar = tqdm(total=config.epochs * per_epoch, desc=desc, disable=not progress, leave=False)
+    epoch_loss, step, stopped, best, stale = [], 0, "epochs", math.inf, 0
+    try:
+        for _ in range(config.epochs):
+            order, total = torch.randperm(len(examples), generator=generator).tolist(), 0.0
+            for start in range(0, len(order), config.batch_size):
+                idx = order[start:start + config.batch_size]
+                batch = collate([encoded[k] for k in idx], conditional, pad_id, device)
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+                per_example, target_lp = example_loss(logits, batch)
+                loss = per_example.mean()
+                if ref is not None:
+                    loss = loss + config.kl_factor * _kl(model, ref, kl_batch)
+                step += 1
+                if not torch.isfinite(loss):
+                    raise EditFailure(f"{desc}: the loss became non-finite at step {step} ({float(loss.detach())}); "
+                                      f"lower lr (now {config.lr:g}); the model is unchanged")
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                if project is not None:
+                    project()
+                _check_weights(params, norms0, step, desc, config.lr)
+                for k, lp in zip(idx, target_lp.tolist()):
+                    if examples[k].kind == "edit":
+                        edit_lp[examples[k].edit] = lp
+                total += float(loss.detach()) * len(idx)
+                bar.update(1)
+            epoch_loss.append(total / len(examples))
+            probs = [math.exp(lp) for lp in edit_lp.values()]
+            if config.stop_prob is not None and min(probs) > config.stop_prob:
+                stopped = "target_prob"
+                break
+            stale = 0 if epoch_loss[-1] < best * (1 - config.min_improvement) else stale + 1
+            best = min(best, epoch_loss[-1])
+            if config.patience and stale >= config.patience:
+                stopped = "plateau"
+                break
+    finally:
+        bar.close()
+        optimiser.zero_grad(set_to_none=True)
+    probs = [math.exp(lp) for lp in edit_lp.values()]
+    return {"steps": step, "epochs": len(epoch_loss), "stopped": stopped, "examples": len(examples),
+            "epoch_loss": epoch_loss, "edit_prob_mean": sum(probs) / len(probs), "edit_prob_min": min(probs)}
+
+
+def _check_weights(params: dict[str, nn.Parameter], norms0: dict[str, float], step: int, desc: str, lr: float):
+    """In float32 a normalised transformer rarely overflows: a step size gone wrong shows as weights that explode."""
+    for name, p in params.items():
+        norm = float(p.detach().float().norm())
+        if not math.isfinite(norm) or (norms0[name] > 0 and norm > DIVERGED * norms0[name]):
+            what = "became non-finite" if not math.isfinite(norm) else \
+                f"grew to {norm / norms0[name]:.3g} times their initial norm"
+            raise EditFailure(f"{desc}: training diverged at step {step}: the weights of {name} {what}; "
+                              f"lower lr (now {lr:g}); the model is unchanged")
+
+
+# ------------------------------------------------------------------------------------------------ editors
+
+Trainer = Callable[..., tuple[dict[str, Delta], dict]]  # (model, tok, examples, config, conditional, progress, desc)
+
+
+def _train_weights(model, tokenizer, examples, config: FinetuneConfig, conditional: bool, progress: bool, desc: str):
+    """Train the chosen weights in place; return ΔW = W − W₀ (float32) and restore W₀ bit-for-bit, always."""
+    names = trainable_parameters(model, config.layers, config.modules)
+    params = dict(model.named_parameters())
+    chosen = {n: params[n] for n in names}
+    originals = {n: p.detach().clone() for n, p in chosen.items()}
+    flags = {n: p.requires_grad for n, p in chosen.items()}
+    project = None
+    if config.norm_constraint is not None:
+        eps = config.norm_constraint
+
+        def project():  # ‖W − W₀‖∞ ≤ ε
+            with torch.no_grad():
+                for n, p in chosen.items():
+                    p.copy_(torch.minimum(torch.maximum(p, originals[n] - eps), originals[n] + eps))
+
+    try:
+        for p in chosen.values():
+            p.requires_grad_(True)
+        curve = train(model, tokenizer, examples, chosen, config, conditional, progress, project, desc)
+        deltas = {n: Delta(dense=p.detach().float() - originals[n].float()) for n, p in chosen.items()}
+    finally:
+        with torch.no_grad():
+            for n, p in chosen.items():
+                p.copy_(originals[n])
+                p.requires_grad_(flags[n])
+                p.grad = None
+    return deltas, curve
+
+
+def run_editor(model, tokenizer, requests: list[EditRequest], config: TrainConfig, method: str, conditional: bool,
+               trainer: Trainer, progress: bool = True) -> Patch:
+    """Prepare, augment, train (all edits together, or each alone from W₀ with the deltas summed) into a Patch."""
+    if not requests:
+        raise InputError("no edit requests given")
+    for i, r in enumerate(requests):
+        r.validate(f"request {i}")
+    config = prepare(config, model)
+    t0 = time.perf_counter()
+    examples = build_examples(model, tokenizer, requests, config)
+    timing = {"augment_seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    groups = [range(len(requests))] if config.mode == "mass" else [range(i, i + 1) for i in range(len(requests))]
+    parts, curves = [], []
+    for group in tqdm(groups, desc=f"{method} single edits", disable=not progress or len(groups) == 1):
+        mine = [ex for ex in examples if ex.edit in group]
+        deltas, curve = trainer(model, tokenizer, mine, config, conditional, progress, method)
+        parts.append(Patch(deltas, {}))
+        curves.append(curve)
+    timing["train_seconds"] = time.perf_counter() - t0
+    deltas = parts[0].deltas if len(parts) == 1 else compose(*parts).deltas
+    meta = {
+        "method": method,
+        "config": asdict(config),
+        "requests": [r.to_dict() for r in requests],
+        "base_fingerprint": fingerprint(model, deltas),
+        "lmedit_version": __version__,
+        "model_type": model.config.model_type,
+        "loss": "conditional (target tokens only)" if conditional else "full (prompt and target tokens)",
+        "augmentation": {"examples": len(examples), "paraphrases_per_edit": config.n_paraphrases,
+                         "facts_per_edit": config.n_random_facts,
+                         "fact_pool": config.facts_file or "the other requests' true facts"},
+        "timing": timing,
+        "training": curves,
+    }
+    return Patch(deltas, meta)
+
+
+def edit_ft(model, tokenizer, requests, config: FinetuneConfig, progress: bool = True, announce=print) -> Patch:
+    return run_editor(model, tokenizer, requests, config, "ft", False, _train_weights, progress)
+
+
+def edit_ft_conditional(model, tokenizer, requests, config: FinetuneConfig, progress: bool = True,
+                        announce=print) -> Patch:
+    return run_editor(model, tokenizer, requests, config, "ft-conditional", True, _train_weights, progress)
+
+
+register_editor("ft", FinetuneConfig, edit_ft, "fine-tuning on prompt + target tokens (naive baseline)")
+register_editor("ft-conditional", FinetuneConfig, edit_ft_conditional,
+                "fine-tuning on the target tokens only, with paraphrase and random-fact augmentation")

@@ -1,0 +1,298 @@
+"""Fine-tuning editors (ft, ft-conditional, lora) on tiny random models: the loss, the augmentation draws, the
+norm constraint, LoRA export, the model left as it came, and bad input.
+
+As in test_locate.py the tiny models get their unembedding scaled up (x30) so a few steps can move the
+next-token distribution.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from lmedit.editors import get_editor, make_config
+from lmedit.editors import finetune
+from lmedit.editors.finetune import (Example, FinetuneConfig, augment, build_examples, collate, example_loss,
+                                     fact_pools, prepare, tokenize, train)
+from lmedit.editors.lora import LoraEditConfig, lora_adapters, lora_deltas
+from lmedit.errors import EditFailure, InputError
+from lmedit.models.arch import get_module
+from lmedit.patches import Patch
+from lmedit.requests import EditRequest
+
+REQUESTS = [
+    EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris"),
+    EditRequest("Barack Obama was born in", "Barack Obama", "Tokyo", "Hawaii"),
+    EditRequest("The capital of Germany is", "Germany", "Madrid", "Berlin"),
+]
+FAST = dict(layers=(1, 2), lr=1e-2, epochs=20, batch_size=4)  # tiny models: a large step, few of them
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny(request, tiny_model):
+    loaded = tiny_model(request.param)
+    with torch.no_grad():
+        get_module(loaded.model, loaded.arch.unembed).weight.mul_(30.0)
+    return loaded
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _unchanged(model, snap):
+    params = dict(model.named_parameters())
+    return (set(params) == set(snap) and all(torch.equal(params[n], t) for n, t in snap.items())
+            and not any(p.requires_grad for p in params.values()) and not hasattr(model, "peft_config")
+            and not any("lora" in n.lower() for n, _ in model.named_modules()))
+
+
+def _target_logprob(model, tok, prompt, target):
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    target_id = tok(" " + target, add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        return float(model(input_ids=ids).logits[0, -1].float().log_softmax(-1)[target_id])
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+def test_conditional_loss_ignores_prompt_tokens(tokenizer):
+    ex = Example("The Eiffel Tower is located in the city of", "Rome", "edit", 0)
+    encoded = tokenize(tokenizer, ex)
+    first = encoded[2]
+    assert first >= 3  # several positions predict prompt tokens
+    grads = {}
+    for conditional in (True, False):
+        batch = collate([encoded], conditional, tokenizer.pad_token_id, "cpu")
+        logits = torch.randn(1, batch.input_ids.shape[1], 50, generator=torch.Generator().manual_seed(0))
+        batch.labels.clamp_(max=49)  # a small vocabulary keeps this test about positions, not sizes
+        logits.requires_grad_(True)
+        loss, _ = example_loss(logits, batch)
+        loss.sum().backward()
+        grads[conditional] = logits.grad[0]
+    assert torch.equal(grads[True][:first], torch.zeros_like(grads[True][:first]))  # exactly zero, not small
+    assert grads[False][:first].abs().sum(-1).min() > 0  # ft's loss reads every prompt position
+    for g in grads.values():
+        assert g[first:].abs().sum(-1).min() > 0  # both read every target position
+
+
+def test_conditional_loss_is_the_target_nll(tokenizer):
+    encoded = [tokenize(tokenizer, Example(p, t, "edit", 0)) for p, t in
+               [("The capital of France is", "Paris"), ("Water is made of", "hydrogen and oxygen")]]
+    batch = collate(encoded, True, tokenizer.pad_token_id, "cpu")
+    logits = torch.randn(*batch.input_ids.shape, len(tokenizer), generator=torch.Generator().manual_seed(1))
+    loss, target_lp = example_loss(logits, batch)
+    logp = logits.log_softmax(-1)
+    for row, (ids, labels, first) in enumerate(encoded):
+        lp = [float(logp[row, pos, labels[pos]]) for pos in range(first, len(ids))]
+        assert math.isclose(float(loss[row]), -sum(lp) / len(lp), rel_tol=1e-5)
+        assert math.isclose(float(target_lp[row]), sum(lp), rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+def _requests(n):
+    return [EditRequest(f"Person {i} works as a", f"Person {i}", f"pilot{i}", f"doctor{i}") for i in range(n)]
+
+
+def test_augmentation_draws_exact_counts_deterministically():
+    reqs = _requests(8)
+    prefixes = [f"prefix number {k}. {{}}" for k in range(10)]
+    pools = fact_pools(reqs, None)
+
+    def draw(seed, m=3, r=2):
+        return augment(reqs, prefixes, pools, m, r, seed)
+
+    a = draw(0)
+    assert a == draw(0)  # same seed, same draws
+    assert a != draw(1)  # another seed, other draws
+    for i, req in enumerate(reqs):
+        mine = [ex for ex in a if ex.edit == i]
+        kinds = [ex.kind for ex in mine]
+        assert kinds.count("edit") == 1 and kinds.count("paraphrase") == 3 and kinds.count("fact") == 2
+        paraphrases = [ex.prompt for ex in mine if ex.kind == "paraphrase"]
+        assert len(set(paraphrases)) == 3 and all(p.endswith(". " + req.prompt) for p in paraphrases)
+        assert all(ex.target == req.target_new for ex in mine if ex.kind != "fact")
+        facts = [(ex.prompt, ex.target) for ex in mine if ex.kind == "fact"]
+        assert len(set(facts)) == 2 and req.prompt not in [p for p, _ in facts]  # other edits' true facts
+        assert all((p, t) in [(r.prompt, r.target_true) for r in reqs] for p, t in facts)
+    # more facts than the pool holds: still exactly r (drawn with replacement)
+    many = augment(reqs[:2], prefixes, fact_pools(reqs[:2], None), 0, 5, 0)
+    assert [ex.kind for ex in many].count("fact") == 10
+    assert augment(reqs, prefixes, pools, 0, 0, 0) == [Example(r.prompt, r.target_new, "edit", i)
+                                                       for i, r in enumerate(reqs)]
+
+
+def test_paraphrase_prefixes_are_generated_from_the_seed(tiny, tmp_cache):
+    model, tok = tiny.model, tiny.tokenizer
+    cfg = prepare(FinetuneConfig(n_paraphrases=2, prefix_pool=3, prefix_length=4), model)
+    a = build_examples(model, tok, REQUESTS, cfg)
+    assert a == build_examples(model, tok, REQUESTS, cfg)
+    assert a != build_examples(model, tok, REQUESTS, dataclasses.replace(cfg, seed=1))
+    assert len(a) == 3 * len(REQUESTS) and sum(ex.kind == "paraphrase" for ex in a) == 2 * len(REQUESTS)
+
+
+def test_facts_file_pool(tiny, tmp_path):
+    model, tok = tiny.model, tiny.tokenizer
+    path = tmp_path / "facts.jsonl"
+    path.write_text('{"prompt": "Tokyo is in", "subject": "Tokyo", "target_new": "Peru", "target_true": "Japan"}\n')
+    cfg = prepare(FinetuneConfig(n_random_facts=3, facts_file=str(path)), model)
+    facts = [ex for ex in build_examples(model, tok, REQUESTS[:1], cfg) if ex.kind == "fact"]
+    assert [(ex.prompt, ex.target) for ex in facts] == [("Tokyo is in", "Japan")] * 3
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "empty"),
+    ("[]", "no records"),
+    ("{not json", "malformed"),
+    ('[{"prompt": "Tokyo is in", "subject": "Tokyo", "target_new": "Peru"}]', "target_true"),
+])
+def test_bad_facts_pool_is_an_input_error(tiny, tmp_path, content, expected):
+    path = tmp_path / "facts.json"
+    path.write_text(content)
+    snap = _snapshot(tiny.model)
+    config = FinetuneConfig(layers=(1,), n_random_facts=2, facts_file=str(path))
+    with pytest.raises(InputError, match=expected):
+        get_editor("ft-conditional").fn(tiny.model, tiny.tokenizer, REQUESTS, config, progress=False)
+    assert _unchanged(tiny.model, snap)
+
+
+def test_no_facts_to_draw_is_an_input_error(tiny):
+    config = FinetuneConfig(layers=(1,), n_random_facts=2)  # one request: no other facts in the batch
+    with pytest.raises(InputError, match="facts_file"):
+        get_editor("ft-conditional").fn(tiny.model, tiny.tokenizer, REQUESTS[:1], config, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+@pytest.mark.parametrize("method", ["ft", "ft-conditional", "lora"])
+def test_training_raises_the_target_and_leaves_the_model_unchanged(tiny, method):
+    model, tok = tiny.model, tiny.tokenizer
+    editor = get_editor(method)
+    config = editor.config_cls(**FAST)
+    snap = _snapshot(model)
+    before = [_target_logprob(model, tok, r.prompt, r.target_new) for r in REQUESTS]
+    patch = editor.fn(model, tok, REQUESTS, config, progress=False)
+    assert _unchanged(model, snap)
+    assert patch.meta["method"] == method and patch.meta["training"][0]["steps"] > 0
+    with patch.apply(model):
+        after = [_target_logprob(model, tok, r.prompt, r.target_new) for r in REQUESTS]
+    assert all(a > b + 3.0 for a, b in zip(after, before)), (before, after)  # each P(target_new) x20 or more
+    assert _unchanged(model, snap)
+    kinds = {d.kind for d in patch.deltas.values()}
+    assert kinds == ({"lowrank"} if method == "lora" else {"dense"})
+    assert sorted(patch.deltas) == sorted(f"{tiny.arch.layers}.{l}.{tiny.arch.mlp_out}.weight" for l in (1, 2))
+
+
+def test_norm_constraint_holds_and_is_active(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    eps = 1e-3
+    base = dict(FAST, epochs=5, stop_prob=None)
+    free = get_editor("ft-conditional").fn(model, tok, REQUESTS, FinetuneConfig(**base), progress=False)
+    held = get_editor("ft-conditional").fn(model, tok, REQUESTS, FinetuneConfig(**base, norm_constraint=eps),
+                                           progress=False)
+    assert max(float(d.dense.abs().max()) for d in free.deltas.values()) > 2 * eps  # it would have gone further
+    assert max(float(d.dense.abs().max()) for d in held.deltas.values()) <= eps + 1e-7
+    params, snap = dict(model.named_parameters()), _snapshot(model)
+    with held.apply(model):
+        for name in held.deltas:
+            assert float((params[name] - snap[name]).abs().max()) <= eps + 1e-7
+
+
+def test_single_mode_sums_independent_edits(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    fn = get_editor("ft-conditional").fn
+    config = FinetuneConfig(**dict(FAST, epochs=3))
+    both = fn(model, tok, REQUESTS[:2], dataclasses.replace(config, mode="single"), progress=False)
+    alone = [fn(model, tok, [r], config, progress=False) for r in REQUESTS[:2]]
+    assert len(both.meta["training"]) == 2
+    for name, d in both.deltas.items():
+        torch.testing.assert_close(d.dense, alone[0].deltas[name].dense + alone[1].deltas[name].dense)
+
+
+def test_kl_and_augmentation_run_and_the_patch_saves(tiny, tmp_cache, tmp_path):
+    model, tok = tiny.model, tiny.tokenizer
+    config = make_config("ft-conditional", "tiny", model, {
+        "layers": "1", "modules": "mlp_out,attn_out", "norm_constraint": "0.01", "epochs": 2, "lr": 1e-3,
+        "n_paraphrases": 1, "prefix_pool": 2, "prefix_length": 3, "n_random_facts": 1, "kl_factor": 0.5,
+        "kl_text": ("A short sentence about nothing.",)})
+    snap = _snapshot(model)
+    patch = get_editor("ft-conditional").fn(model, tok, REQUESTS, config, progress=False)
+    assert _unchanged(model, snap)
+    assert patch.meta["config"]["norm_constraint"] == 0.01
+    assert patch.meta["config"]["modules"] == ("mlp_out", "attn_out")
+    assert len(patch.deltas) == 2 and patch.meta["augmentation"]["examples"] == 3 * len(REQUESTS)
+    loaded = Patch.load(patch.save(tmp_path / "patch"))
+    assert loaded.meta["method"] == "ft-conditional" and set(loaded.deltas) == set(patch.deltas)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+def test_lora_patch_matches_the_adapted_model_and_reverts_exactly(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    config = prepare(LoraEditConfig(**dict(FAST, epochs=5)), model)
+    examples = build_examples(model, tok, REQUESTS, config)
+    ids = tok(["The Eiffel Tower is in the heart of"], return_tensors="pt")["input_ids"]
+    snap = _snapshot(model)
+    targets = [f"{tiny.arch.layers}.{l}.{tiny.arch.mlp_out}" for l in config.layers]
+    with lora_adapters(model, targets, config.rank, config.alpha, config.seed) as adapted:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert params and all("lora_" in n for n in params)
+        train(model, tok, examples, params, config, True, progress=False)
+        with torch.no_grad():
+            adapted_logits = model(input_ids=ids).logits
+        deltas = lora_deltas(adapted)
+    assert _unchanged(model, snap)
+    patch = Patch.build(model, deltas, method="lora")
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    handle = patch.apply(model)
+    with torch.no_grad():
+        patched = model(input_ids=ids).logits
+    torch.testing.assert_close(patched, adapted_logits, atol=1e-4, rtol=0)
+    assert not torch.allclose(patched, plain, atol=1e-3)  # the adapters did learn something
+    handle.revert()
+    assert _unchanged(model, snap)  # bit-exact
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def test_unknown_module_names_the_valid_ones(tiny):
+    config = FinetuneConfig(layers=(1,), modules=("mlp.nonexistent",))
+    for method in ("ft", "lora"):
+        cfg = config if method == "ft" else LoraEditConfig(layers=(1,), modules=("mlp.nonexistent",))
+        with pytest.raises(InputError, match="unknown module 'mlp.nonexistent'") as err:
+            get_editor(method).fn(tiny.model, tiny.tokenizer, REQUESTS, cfg, progress=False)
+        assert "mlp_out" in str(err.value) and tiny.arch.mlp_out in str(err.value)
+
+
+def test_diverging_learning_rate_fails_and_keeps_the_model(tiny):
+    snap = _snapshot(tiny.model)
+    for method in ("ft-conditional", "lora"):
+        config = get_editor(method).config_cls(**dict(FAST, lr=1e6))
+        with pytest.raises(EditFailure, match="lower lr"):
+            get_editor(method).fn(tiny.model, tiny.tokenizer, REQUESTS, config, progress=False)
+        assert _unchanged(tiny.model, snap)
+
+
+def test_non_finite_loss_fails_and_keeps_the_model(tiny, monkeypatch):
+    def nan_loss(logits, batch):
+        loss, lp = example_loss(logits, batch)
+        return loss * float("nan"), lp
+
+    monkeypatch.setattr(finetune, "example_loss", nan_loss)
+    snap = _snapshot(tiny.model)
+    with pytest.raises(EditFailure, match="non-finite at step 1"):
+        get_editor("ft").fn(tiny.model, tiny.tokenizer, REQUESTS, FinetuneConfig(**FAST), progress=False)
+    assert _unchanged(tiny.model, snap)
+
+
+def test_bad_settings_are_input_errors(tiny):
+    model = tiny.model
+    for bad in (dict(lr=0.0), dict(lr=float("inf")), dict(epochs=0), dict(mode="both"), dict(layers=(2, 1)),
+                dict(norm_constraint=-1.0), dict(stop_prob=1.5), dict(layers=(99,))):
+        with pytest.raises(InputError):
+            prepare(FinetuneConfig(**bad), model)
+    with pytest.raises(InputError, match="rank"):
+        get_editor("lora").fn(model, tiny.tokenizer, REQUESTS, LoraEditConfig(layers=(1,), rank=0), progress=False)
