@@ -177,3 +177,21 @@ def test_unknown_model_type_is_input_error(tokenizer):
         _finish(model, tokenizer, "tiny-opt")
     with pytest.raises(InputError, match="unknown model architecture"):
         mlp_out_module(model, 0)
+
+
+def test_every_role_resolves_and_unembedding_gives_the_logits(loaded, tokenizer):
+    """Each path in the row names a real module, and unembed(body(x)) equals the model's own logits."""
+    from lmedit.locate.batching import body, unembed
+    from lmedit.models.arch import get_module
+
+    arch = loaded.arch
+    for path in (arch.layers, arch.final_norm, arch.unembed, arch.embed):
+        get_module(loaded.model, path)
+    block = get_module(loaded.model, arch.layers)[0]
+    for path in (arch.mlp_in, arch.mlp_out, arch.attn_out):
+        get_module(block, path)
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        expected = loaded.model(input_ids=ids).logits
+        got = unembed(loaded.model, body(loaded.model)(input_ids=ids).last_hidden_state)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

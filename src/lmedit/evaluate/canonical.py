@@ -414,7 +414,7 @@ def training_loss(model: nn.Module, tokenizer, task, examples: Sequence[Example]
         return (lp / div).mean()
     d = lp[0::2] / div[0::2] - lp[1::2] / div[1::2]
     if kind == "balance":
-        return -(d.abs() if options.balance == "abs" else d.square()).mean()
+        return (d.abs() if options.balance == "abs" else d.square()).mean()
     if options.margin is None:
         return (-d).mean()
     return torch.relu(options.margin - d).mean()
