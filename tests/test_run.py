@@ -83,3 +83,56 @@ def test_report_rejects_other_files(tmp_path):
     bad.write_text('{"task": "counterfact"}')
     with pytest.raises(InputError, match="not an lmedit evaluation result"):
         build_report([bad], tmp_path / "rep")
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _failing_scorer(after_calls: int):
+    from lmedit.evaluate.counterfact import score_counterfact
+
+    calls = {"n": 0}
+
+    def scorer(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > after_calls:
+            raise _Interrupt
+        return score_counterfact(*args, **kwargs)
+
+    return scorer
+
+
+def _strip_timing(result):
+    return {k: v for k, v in result.items() if k != "timing"}
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_resume_equals_an_uninterrupted_run(tiny_model, tmp_path, sequential):
+    lm = _editable(tiny_model("llama"))
+    kwargs = dict(batch_size=1, sequential=sequential, overrides=FAST, progress=False, announce=lambda *_: None)
+    whole = run_edit_eval(lm, "memit", REQUESTS, **kwargs)
+    journal = tmp_path / "run.journal.jsonl"
+    # baseline + first batch scored, then the run dies (batch mode); sequential dies at the final scoring
+    with pytest.raises(_Interrupt):
+        run_edit_eval(lm, "memit", REQUESTS, scorer=_failing_scorer(2 if not sequential else 1), journal=journal,
+                      **kwargs)
+    lines = journal.read_text().splitlines()
+    assert len(lines) >= 3  # header, baseline, at least one finished batch
+    resumed = run_edit_eval(lm, "memit", REQUESTS, journal=journal, resume=True, **kwargs)
+    assert _strip_timing(resumed) == _strip_timing(whole)
+
+
+def test_resume_refuses_another_run(tiny_model, tmp_path):
+    from lmedit.errors import InputError
+
+    lm = _editable(tiny_model("llama"))
+    journal = tmp_path / "run.journal.jsonl"
+    run_edit_eval(lm, "memit", REQUESTS[:2], batch_size=1, overrides=FAST, progress=False, announce=lambda *_: None,
+                  journal=journal)
+    with pytest.raises(InputError, match="different run"):
+        run_edit_eval(lm, "memit", REQUESTS, batch_size=1, overrides=FAST, progress=False, announce=lambda *_: None,
+                      journal=journal, resume=True)

@@ -123,62 +123,85 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     console.print(f"saved {method} patch for {len(reqs)} request(s) to {out}")
 
 
+def _batch_sizes(text: Optional[str]) -> list[Optional[int]]:
+    if text is None:
+        return [None]
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--batch-size expects an integer or a comma-separated list, got {text!r}") from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise InputError(f"--batch-size must be at least 1, got {text!r}")
+    return sizes
+
+
 def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: Optional[int],
-              batch_size: Optional[int], sequential: bool, sets: Optional[list[str]], force: bool) -> None:
+              batch_size: Optional[str], sequential: bool, sets: Optional[list[str]], force: bool,
+              resume: bool) -> None:
     from lmedit.editors import get_editor
     from lmedit.evaluate.run import run_edit_eval
     from lmedit.fileio import atomic_write_json, check_writable
     from lmedit.requests import load_requests
 
-    check_writable(out, force)
+    sizes = _batch_sizes(batch_size)
+    outs = [out] if len(sizes) == 1 else [out.with_name(f"{out.stem}.b{b}{out.suffix or '.json'}") for b in sizes]
+    journals = [o.with_name(o.name + ".journal.jsonl") for o in outs]
+    for o, j in zip(outs, journals):
+        check_writable(o, force or resume)
+        if j.exists() and not (force or resume):
+            raise InputError(f"{j} holds an unfinished run; pass --resume to continue it or --force to start over")
     get_editor(method)
-    if batch_size is not None and batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     reqs = load_requests(data, fmt="zsre" if task == "zsre" else "auto", limit=limit)
-    if task == "zsre":
-        from lmedit.evaluate import zsre
-
-        scoring = dict(scorer=zsre.ZsreScorer(), aggregator=zsre.aggregate)
-    else:
-        scoring = {}
+    for b in sizes:
+        if b is not None and b > len(reqs):
+            raise InputError(f"--batch-size {b} exceeds the {len(reqs)} records")
     lm = _load(model)
-    result = run_edit_eval(lm, method, reqs, batch_size, sequential, _parse_sets(sets), task=task,
-                           announce=console.print, **scoring)
-    atomic_write_json(out, result)
-    console.print(_metrics_table(result))
-    t = result["timing"]
-    console.print(f"edit {t['edit_seconds']:.1f}s ({t['seconds_per_edit']:.2f}s/edit), eval {t['eval_seconds']:.1f}s, "
-                  f"peak RSS {t['peak_rss_mb']:.0f} MB → {out}")
+    for b, o, j in zip(sizes, outs, journals):
+        scoring = {}
+        if task == "zsre":
+            from lmedit.evaluate import zsre
+
+            scoring = dict(scorer=zsre.ZsreScorer(), aggregator=zsre.aggregate)
+        result = run_edit_eval(lm, method, reqs, b, sequential, _parse_sets(sets), task=task,
+                               announce=console.print, journal=j, resume=resume, **scoring)
+        atomic_write_json(o, result)
+        j.unlink(missing_ok=True)
+        console.print(_metrics_table(result))
+        t = result["timing"]
+        console.print(f"edit {t['edit_seconds']:.1f}s ({t['seconds_per_edit']:.2f}s/edit), eval {t['eval_seconds']:.1f}s,"
+                      f" peak RSS {t['peak_rss_mb']:.0f} MB → {o}")
 
 
 DataOpt = typer.Option(..., "--data", help="data file")
 OutOpt = typer.Option(..., "--out", "-o", help="result JSON file")
 MethodOpt = typer.Option("memit", help="rome | memit | emmet")
 LimitOpt = typer.Option(None, help="only the first N records")
-BatchOpt = typer.Option(None, "--batch-size", help="edits per batch (default: all at once; 1 = each edit alone)")
+BatchOpt = typer.Option(None, "--batch-size", help="edits per batch (default: all at once; 1 = each edit alone); "
+                        "a list such as 1,10,100 runs a scaling sweep, one result file per size")
+ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted run from its journal")
 SeqOpt = typer.Option(False, help="each batch on top of the previous ones, all scored at the end")
 
 
 @eval_app.command("counterfact")
 def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
-                     limit: Optional[int] = LimitOpt, batch_size: Optional[int] = BatchOpt, sequential: bool = SeqOpt,
-                     sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
+                     limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
+                     sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt) -> None:
     """Edit CounterFact records; score efficacy, generalisation, specificity, edit score (probability comparison).
 
     Example: lmedit eval counterfact --method rome --data counterfact-edit.json --limit 100 --batch-size 1 --out rome.json
     """
-    _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force)
+    _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force, resume)
 
 
 @eval_app.command("zsre")
 def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
-              limit: Optional[int] = LimitOpt, batch_size: Optional[int] = BatchOpt, sequential: bool = SeqOpt,
-              sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt) -> None:
+              limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
+              sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt) -> None:
     """Edit zsRE records (MEND format); score token-level top-1 accuracy and locality.
 
     Example: lmedit eval zsre --method memit --data zsre-500.json --out memit-zsre.json
     """
-    _run_eval("zsre", data, out, model, method, limit, batch_size, sequential, sets, force)
+    _run_eval("zsre", data, out, model, method, limit, batch_size, sequential, sets, force, resume)
 
 
 @stats_app.command("compute")

@@ -63,7 +63,7 @@ class TaskSpec:
 
     name: str
     kind: Kind
-    files: dict[str, str]  # role -> pattern, e.g. "country_capital_fixed-{split}.jsonl"
+    files: dict[str, str] = field(hash=False)  # role -> pattern, e.g. "country_capital_fixed-{split}.jsonl"
     op: Literal[">", "<", ">="]
     threshold: float  # natural log
     rule: str  # the rule in words, for reports
@@ -153,7 +153,7 @@ class CanonicalTask:
     eval: tuple[Example, ...]
     hard_neg: tuple[SuffixExample, ...]
     unconditional: tuple[TextExample, ...]
-    files: dict[str, Path] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict, hash=False)
 
     @property
     def name(self) -> str:

@@ -4,13 +4,21 @@
   scored with its patch applied, and reverted (B = 1 is the classic single-edit setting);
 - sequential: each batch is edited on top of the previous ones; every record is scored after all edits.
 The unedited model's numbers are always computed on the same records and reported beside.
+
+Runs stream their progress to a JSONL journal (a header naming the run, the baseline, then one line per
+batch; sequential runs also keep each batch's patch beside it). `resume=True` picks up where an interrupted
+run stopped and gives the same result as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import resource
+import shutil
 import time
+from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
@@ -19,6 +27,7 @@ from lmedit.editors import get_editor, make_config
 from lmedit.errors import InputError
 from lmedit.evaluate.counterfact import aggregate, score_counterfact
 from lmedit.models.loading import LoadedModel
+from lmedit.patches import Patch
 from lmedit.requests import EditRequest
 
 Scorer = Callable[..., list[dict]]
@@ -32,10 +41,51 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+class Journal:
+    """Append-only JSONL record of a run; each line is flushed as soon as its work is done."""
+
+    def __init__(self, path: Path | None, header: dict, resume: bool):
+        self.path, self.lines = path, []
+        header = json.loads(json.dumps(header))  # as it reads back (tuples become lists)
+        if path is None:
+            return
+        if path.exists() and resume:
+            lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+            if not lines or lines[0].get("header") != header:
+                raise InputError(f"{path} belongs to a different run (method, config, data or batch size differ); "
+                                 "use --force to start over")
+            self.lines = lines[1:]
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"header": header}) + "\n")
+            if self.patch_dir.exists():
+                shutil.rmtree(self.patch_dir)
+
+    @property
+    def patch_dir(self) -> Path:
+        return self.path.with_name(self.path.name + ".patches")
+
+    def find(self, key: str, value=True) -> dict | None:
+        return next((l for l in self.lines if l.get(key) == value), None)
+
+    def write(self, line: dict) -> None:
+        self.lines.append(line)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+                f.flush()
+
+
+def _signature(lm: LoadedModel, method: str, config, requests, batch_size: int, sequential: bool, task: str) -> dict:
+    data = hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()).hexdigest()[:16]
+    return {"task": task, "model": lm.name, "method": method, "config": dataclasses.asdict(config),
+            "batch_size": batch_size, "sequential": sequential, "n": len(requests), "data": data}
+
+
 def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], batch_size: int | None = None,
                   sequential: bool = False, overrides: dict | None = None, task: str = "counterfact",
                   scorer: Scorer = score_counterfact, aggregator=aggregate, score_batch_size: int = 64,
-                  progress: bool = True, announce=print) -> dict:
+                  progress: bool = True, announce=print, journal: Path | None = None, resume: bool = False) -> dict:
     """Edit `requests` with `method` and score them; returns the DESIGN §8 result dict (+ per-record list)."""
     if not requests:
         raise InputError("no records to evaluate")
@@ -45,31 +95,54 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
     editor = get_editor(method)
     config = make_config(method, lm.name, lm.model, overrides)
     model, tok = lm.model, lm.tokenizer
+    log = Journal(journal, _signature(lm, method, config, requests, batch_size, sequential, task), resume)
 
-    t0 = time.perf_counter()
-    baseline_records = scorer(model, tok, requests, batch_size=score_batch_size, progress=progress)
-    baseline_seconds = time.perf_counter() - t0
+    base_line = next((l for l in log.lines if "baseline_records" in l), None)
+    if base_line is None:
+        t0 = time.perf_counter()
+        records = scorer(model, tok, requests, batch_size=score_batch_size, progress=progress)
+        base_line = {"baseline_records": records, "seconds": time.perf_counter() - t0}
+        log.write(base_line)
+    elif hasattr(scorer, "reference"):  # a stateful scorer (zsRE locality) needs the unedited predictions again
+        scorer(model, tok, requests, batch_size=score_batch_size)
+    baseline_records = base_line["baseline_records"]
 
     edit_seconds, eval_seconds = 0.0, 0.0
     records: list[dict] = []
     applied = []
     batches = _batches(requests, batch_size)
     try:
-        for batch in tqdm(batches, desc=f"{method} {'sequential' if sequential else 'batches'} of {batch_size}",
-                          disable=not progress or len(batches) == 1):
+        for i, batch in enumerate(tqdm(batches, desc=f"{method} {'sequential' if sequential else 'batches'} of "
+                                       f"{batch_size}", disable=not progress or len(batches) == 1)):
+            line = log.find("batch", i)
+            if line is not None:  # finished before an interruption
+                edit_seconds += line["edit_seconds"]
+                eval_seconds += line.get("eval_seconds", 0.0)
+                if sequential:
+                    applied.append(Patch.load(log.patch_dir / str(i)).apply(model))
+                else:
+                    records += line["records"]
+                continue
             t0 = time.perf_counter()
             patch = editor.fn(model, tok, batch, config, progress=progress, announce=announce)
-            edit_seconds += time.perf_counter() - t0 - patch.meta.get("timing", {}).get("stats_seconds", 0.0)
+            spent = time.perf_counter() - t0 - patch.meta.get("timing", {}).get("stats_seconds", 0.0)
+            edit_seconds += spent
             handle = patch.apply(model)
             if sequential:
                 applied.append(handle)
+                if journal is not None:
+                    patch.save(log.patch_dir / str(i), force=True)
+                log.write({"batch": i, "edit_seconds": spent})
                 continue
             try:
                 t0 = time.perf_counter()
-                records += scorer(model, tok, batch, batch_size=score_batch_size)
-                eval_seconds += time.perf_counter() - t0
+                scored = scorer(model, tok, batch, batch_size=score_batch_size)
+                scored_seconds = time.perf_counter() - t0
             finally:
                 handle.revert()
+            eval_seconds += scored_seconds
+            records += scored
+            log.write({"batch": i, "records": scored, "edit_seconds": spent, "eval_seconds": scored_seconds})
         if sequential:
             t0 = time.perf_counter()
             records = scorer(model, tok, requests, batch_size=score_batch_size, progress=progress)
@@ -94,7 +167,7 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
         "metrics": metrics,
         "baseline": {k: v for k, v in baseline.items() if k != "protocol"},
         "timing": {"edit_seconds": edit_seconds, "seconds_per_edit": edit_seconds / len(requests),
-                   "eval_seconds": eval_seconds, "baseline_eval_seconds": baseline_seconds,
+                   "eval_seconds": eval_seconds, "baseline_eval_seconds": base_line["seconds"],
                    "peak_rss_mb": peak_rss_mb()},
         "records": records,
     }
