@@ -210,3 +210,23 @@ def test_score_counterfact_on_a_model(model, tokenizer):
     assert len(rec["paraphrases"]) == 2 and len(rec["neighborhood"]) == 2
     out = aggregate(records)
     assert out["n"] == 2 and set(out) >= {"efficacy", "generalization", "specificity", "edit_score"}
+
+
+def test_ngram_entropy_known_values():
+    from lmedit.evaluate.fluency import ngram_entropy
+
+    # "a b a b a b": bigrams {ab: 3, ba: 2} and trigrams {aba: 2, bab: 2}
+    h2 = -(3 / 5) * math.log2(3 / 5) - (2 / 5) * math.log2(2 / 5)
+    h3 = 1.0
+    assert abs(ngram_entropy("a b a b a b") - (2 / 3 * h2 + 4 / 3 * h3) / 2) < 1e-12
+    assert ngram_entropy("rome rome rome rome rome") == 0.0  # a model that repeats itself scores 0
+    assert ngram_entropy("the cat sat on the mat and looked at the dog") > ngram_entropy("a b a b a b")
+
+
+def test_greedy_continuations_are_padding_invariant(model, tokenizer):
+    from lmedit.evaluate.fluency import greedy_continuations
+
+    prompts = ["The capital of France is", "Danielle Darrieux's mother tongue is"]
+    together = greedy_continuations(model, tokenizer, prompts, max_new_tokens=5)
+    alone = [greedy_continuations(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    assert together == alone

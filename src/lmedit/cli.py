@@ -137,7 +137,7 @@ def _batch_sizes(text: Optional[str]) -> list[Optional[int]]:
 
 def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: Optional[int],
               batch_size: Optional[str], sequential: bool, sets: Optional[list[str]], force: bool,
-              resume: bool) -> None:
+              resume: bool, fluency: bool = False) -> None:
     from lmedit.editors import get_editor
     from lmedit.evaluate.run import run_edit_eval
     from lmedit.fileio import atomic_write_json, check_writable
@@ -158,6 +158,12 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
     lm = _load(model)
     for b, o, j in zip(sizes, outs, journals):
         scoring = {}
+        if fluency:
+            import functools
+
+            from lmedit.evaluate.counterfact import score_counterfact
+
+            scoring = dict(scorer=functools.partial(score_counterfact, fluency=True))
         if task == "zsre":
             from lmedit.evaluate import zsre
 
@@ -185,12 +191,14 @@ SeqOpt = typer.Option(False, help="each batch on top of the previous ones, all s
 @eval_app.command("counterfact")
 def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
                      limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
-                     sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt) -> None:
+                     sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt,
+                     fluency: bool = typer.Option(False, "--fluency", help="also score the n-gram entropy of greedy "
+                                                  "continuations of each prompt")) -> None:
     """Edit CounterFact records; score efficacy, generalisation, specificity, edit score (probability comparison).
 
     Example: lmedit eval counterfact --method rome --data counterfact-edit.json --limit 100 --batch-size 1 --out rome.json
     """
-    _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force, resume)
+    _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force, resume, fluency)
 
 
 @eval_app.command("zsre")

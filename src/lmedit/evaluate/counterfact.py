@@ -47,10 +47,11 @@ def _compare(lp_new: float, lp_true: float, keep_true: bool) -> tuple[float, flo
 
 
 def score_counterfact(model: nn.Module, tokenizer, requests: list[EditRequest], batch_size: int = 64,
-                      progress: bool = False) -> list[dict]:
+                      progress: bool = False, fluency: bool = False) -> list[dict]:
     """One dict per request (in order) with its log-probs, per-family successes and magnitudes.
 
-    A family with no prompts (e.g. no paraphrases) has None for its success and magnitude.
+    A family with no prompts (e.g. no paraphrases) has None for its success and magnitude. With `fluency`,
+    each record also gets the n-gram entropy of the model's greedy continuation of its prompt.
     """
     pairs: list[tuple[str, str]] = []
     for r in requests:
@@ -86,6 +87,12 @@ def score_counterfact(model: nn.Module, tokenizer, requests: list[EditRequest], 
             rec[key] = rows
             rec[family], rec[f"{family}_magnitude"] = _mean(hits), _mean(diffs)
         records.append(rec)
+    if fluency:
+        from lmedit.evaluate.fluency import fluency as entropies
+
+        scored = [(rec, r) for rec, r in zip(records, [r for r in requests]) if not rec.get("skipped")]
+        for (rec, _), value in zip(scored, entropies(model, tokenizer, [r.prompt for _, r in scored])):
+            rec["fluency"] = value
     return records
 
 
@@ -104,6 +111,8 @@ def aggregate(records: list[dict]) -> dict:
     for family in FAMILIES:
         key = f"{family}_magnitude"
         out[key] = _mean([r[key] for r in scored if r.get(key) is not None])
+    if any("fluency" in r for r in scored):
+        out["fluency"] = _mean([r["fluency"] for r in scored if "fluency" in r])
     out["n"] = len(scored)
     out["skipped"] = len(records) - len(scored)
     out["protocol"] = PROTOCOL
