@@ -47,14 +47,14 @@ def _bar_plot(task: str, rows: list[dict], path: Path) -> None:
     labels = ["unedited"] + [_label(r) for r in rows]
     values = [[rows[0]["baseline"].get(m) or 0 for m in metrics]] + [[r["metrics"].get(m) or 0 for m in metrics]
                                                                        for r in rows]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.9 * len(metrics), 3.6))
+    fig, ax = plt.subplots(figsize=(4.5 + 1.9 * len(metrics), 3.6))
     width = 0.8 / len(labels)
     for i, (label, vals) in enumerate(zip(labels, values)):
         ax.bar([j + i * width for j in range(len(metrics))], vals, width, label=label)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"{task}: {rows[0]['model']}")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
