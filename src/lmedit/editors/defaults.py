@@ -13,8 +13,8 @@ from lmedit.models.arch import num_layers
 # (method, model) -> settings. "layers" are absolute layer indices.
 DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("rome", "smollm2-135m"): {"layers": (6,), "value.clamp_norm_factor": 4.0, "value.steps": 20},
-    ("memit", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6), "mom2_weight": 15000.0},
-    ("emmet", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6), "mom2_weight": 15000.0, "mu": 0.1},
+    ("memit", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6), "mom2_weight": 500.0},
+    ("emmet", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6), "mom2_weight": 5000.0, "mu": 0.1},
     # GPT-J and GPT-2 XL rows as published with ROME/MEMIT
     ("rome", "gptj"): {"layers": (5,), "value.clamp_norm_factor": 4.0},
     ("memit", "gptj"): {"layers": (3, 4, 5, 6, 7, 8), "mom2_weight": 15000.0, "value.clamp_norm_factor": 0.75},
