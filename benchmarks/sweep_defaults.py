@@ -1,0 +1,80 @@
+"""How SmolLM2's locate-then-edit defaults were chosen: a small grid on counterfact-train.json.
+
+    .venv/bin/python benchmarks/sweep_defaults.py --limit 100 --grid memit
+    .venv/bin/python benchmarks/sweep_defaults.py --limit 30 --grid rome
+
+v* depends only on the requests, the last edit layer and the value settings, so configurations that differ
+only in solver knobs (λ, μ, earlier layers) reuse it. Writes benchmarks/results/sweep-<grid>.json + .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
+
+GRIDS = {
+    "rome": [(f"rome L{l}", "rome", 1, {"layers": str(l)}) for l in (1, 2, 4, 6)]
+    + [("rome L4 clamp 2", "rome", 1, {"layers": "4", "value.clamp_norm_factor": "2"}),
+       ("rome L4 kl 0.5", "rome", 1, {"layers": "4", "value.kl_factor": "0.5"})],
+    "memit": [(f"memit λ={lam}", "memit", None, {"layers": "2,3,4,5,6", "mom2_weight": str(lam)})
+              for lam in (500, 2000, 8000, 15000)]
+    + [(f"emmet λ={lam}", "emmet", None, {"layers": "2,3,4,5,6", "mom2_weight": str(lam), "mu": "0.1"})
+       for lam in (100, 1000, 5000, 15000)],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--grid", choices=sorted(GRIDS), required=True)
+    parser.add_argument("--limit", type=int, default=30)
+    args = parser.parse_args()
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    import lmedit.locate.core as core
+    from lmedit.evaluate.run import run_edit_eval
+    from lmedit.models import load_model
+    from lmedit.requests import load_requests
+
+    memo, compute = {}, core.compute_values
+
+    def memoised(model, tok, requests, layer, templates, config, progress=True, cache_prefix=True):
+        key = (tuple(r.prompt + r.target_new for r in requests), layer, config)
+        if key not in memo:
+            memo[key] = compute(model, tok, requests, layer, templates, config, progress=progress)
+        return memo[key]
+
+    core.compute_values = memoised
+    lm = load_model("smollm2-135m")
+    requests = load_requests(TRAIN, limit=args.limit)
+    rows = []
+    for name, method, batch, overrides in GRIDS[args.grid]:
+        t0 = time.perf_counter()
+        r = run_edit_eval(lm, method, requests, batch, overrides=overrides, progress=False, announce=lambda *_: None)
+        rows.append({"name": name, "overrides": overrides, "metrics": r["metrics"], "baseline": r["baseline"],
+                     "seconds": time.perf_counter() - t0})
+        print(name, {k: round(r["metrics"][k], 3) for k in ("efficacy", "generalization", "specificity", "edit_score")},
+              flush=True)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"sweep-{args.grid}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [f"counterfact-train.json, first {args.limit} records", "",
+             "| config | efficacy | generalization | specificity | edit score |", "|---|---|---|---|---|"]
+    base = rows[0]["baseline"]
+    lines.append(f"| unedited | {base['efficacy']:.3f} | {base['generalization']:.3f} | {base['specificity']:.3f} | "
+                 f"{base['edit_score']:.3f} |")
+    for row in rows:
+        m = row["metrics"]
+        lines.append(f"| {row['name']} | {m['efficacy']:.3f} | {m['generalization']:.3f} | {m['specificity']:.3f} | "
+                     f"{m['edit_score']:.3f} |")
+    (out / f"sweep-{args.grid}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
