@@ -114,6 +114,23 @@ def bench_stats(lm, n_tokens):
             "stats_throughput_over_plain_forward": t_plain / t_stats}
 
 
+def bench_scoring(lm, n: int):
+    """Batched CounterFact scoring vs one prompt at a time, same records, same run; metrics must agree to 1e-5."""
+    from lmedit.evaluate.counterfact import aggregate, score_counterfact
+    from lmedit.requests import load_requests
+
+    records = load_requests(DATA, limit=n)
+    batched, t_batched = timed(lambda: score_counterfact(lm.model, lm.tokenizer, records, batch_size=64))
+    single, t_single = timed(lambda: score_counterfact(lm.model, lm.tokenizer, records, batch_size=1))
+    a, b = aggregate(batched), aggregate(single)
+    keys = [k for k, v in a.items() if isinstance(v, float)]
+    max_metric_diff = max(abs(a[k] - b[k]) for k in keys)
+    max_logp_diff = max(abs(x["prompt"]["logp_new"] - y["prompt"]["logp_new"]) for x, y in zip(batched, single))
+    return {"scoring_records": n, "scoring_batched_records_per_s": n / t_batched,
+            "scoring_one_at_a_time_records_per_s": n / t_single, "scoring_speedup": t_single / t_batched,
+            "scoring_max_metric_diff": max_metric_diff, "scoring_max_logp_diff": max_logp_diff}
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -125,6 +142,8 @@ def main() -> None:
     parser.add_argument("--values-n", type=int, default=100)
     parser.add_argument("--sizes", default="10,100")
     parser.add_argument("--stats-tokens", type=int, default=20_000)
+    parser.add_argument("--scoring-n", type=int, default=200)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: editors,values,stats,scoring")
     args = parser.parse_args()
 
     import transformers
@@ -141,21 +160,29 @@ def main() -> None:
         cfg = make_config(method, lm.name, lm.model)
         load_or_compute(lm.model, lm.tokenizer, list(cfg.layers), cfg.stats_corpus, cfg.stats_tokens)
     result = {"model": lm.name, "torch_threads": torch.get_num_threads()}
-    print("editors ...", file=sys.stderr)
-    result.update(bench_editors(lm, requests, [int(s) for s in args.sizes.split(",")]))
-    print("batched v* ...", file=sys.stderr)
-    result.update(bench_batched_values(lm, requests, args.values_n))
-    print("statistics ...", file=sys.stderr)
-    result.update(bench_stats(lm, args.stats_tokens))
-    result["peak_rss_mb"] = peak_rss_mb()
+    skip = set(args.skip.split(","))
+    parts = [("scoring", lambda: bench_scoring(lm, args.scoring_n)),
+             ("stats", lambda: bench_stats(lm, args.stats_tokens)),
+             ("editors", lambda: bench_editors(lm, requests, [int(s) for s in args.sizes.split(",")])),
+             ("values", lambda: bench_batched_values(lm, requests, args.values_n))]
+    for name, part in parts:
+        if name in skip:
+            continue
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        result.update(part())
+        _write(result)  # partial results survive an interruption
+    _write(result)
+    print((OUT / "locate.md").read_text())
 
+
+def _write(result: dict) -> None:
+    result["peak_rss_mb"] = peak_rss_mb()
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "locate.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| measurement | value |", "|---|---|"]
     for k, v in result.items():
         lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     (OUT / "locate.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

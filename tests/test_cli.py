@@ -7,7 +7,11 @@ import sys
 
 import pytest
 
+from pathlib import Path
+
 from lmedit import cli
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 GOOD = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
         "target_new": "Rome", "target_true": "Paris"}
@@ -128,3 +132,34 @@ def test_bad_set_value(tmp_path, monkeypatch, capsys):
     code, err = run_cli(monkeypatch, capsys, "edit", "--method", "memit", "--requests", reqs,
                         "--out", str(tmp_path / "p"), "--set", "no_such_knob=1")
     assert_one_line_error(code, err, "unknown setting 'no_such_knob'", "mom2_weight")
+
+
+def test_eval_with_data_of_another_task_names_the_format(tmp_path, monkeypatch, capsys):
+    zsre = tmp_path / "z.json"
+    zsre.write_text(json.dumps([{"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "cars",
+                                 "answers": ["uniform"], "rephrase": "What does UniFirst make?", "loc": "nq question: x",
+                                 "loc_ans": "y"}]))
+    code, err = run_cli(monkeypatch, capsys, "eval", "counterfact", "--data", str(zsre), "--out", str(tmp_path / "o.json"))
+    assert_one_line_error(code, err, "holds zsre records", "expects counterfact")
+    cf = tmp_path / "cf.json"
+    cf.write_text(json.dumps([{"case_id": 0, "prompt": GOOD["prompt"], "subject": GOOD["subject"], "target_new": "Rome",
+                               "ground_truth": "Paris", "rephrase_prompt": "x The Eiffel Tower is in",
+                               "locality_prompt": "The Louvre is in", "locality_ground_truth": "Paris"}]))
+    code, err = run_cli(monkeypatch, capsys, "eval", "zsre", "--data", str(cf), "--out", str(tmp_path / "o.json"))
+    assert_one_line_error(code, err, "expects zsre")
+
+
+@pytest.mark.parametrize("bad", ["0", "10,0", "x"])
+def test_eval_rejects_bad_batch_sizes(tmp_path, monkeypatch, capsys, bad):
+    code, err = run_cli(monkeypatch, capsys, "eval", "counterfact", "--data", str(DATA / "counterfact" / "counterfact-edit.json"),
+                        "--limit", "5", "--batch-size", bad, "--out", str(tmp_path / "o.json"))
+    assert_one_line_error(code, err, "--batch-size")
+
+
+def test_eval_limit_beyond_the_data(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre" / "zsre-500.json"
+    code, err = run_cli(monkeypatch, capsys, "eval", "zsre", "--data", str(data), "--limit", "501",
+                        "--out", str(tmp_path / "o.json"))
+    assert_one_line_error(code, err, "--limit 501 exceeds the 500 records")

@@ -151,7 +151,8 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
         if j.exists() and not (force or resume):
             raise InputError(f"{j} holds an unfinished run; pass --resume to continue it or --force to start over")
     get_editor(method)
-    reqs = load_requests(data, fmt="zsre" if task == "zsre" else "auto", limit=limit)
+    accept = ("zsre",) if task == "zsre" else ("counterfact", "rome", "jsonl")
+    reqs = load_requests(data, limit=limit, accept=accept)
     for b in sizes:
         if b is not None and b > len(reqs):
             raise InputError(f"--batch-size {b} exceeds the {len(reqs)} records")

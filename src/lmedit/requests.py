@@ -261,7 +261,8 @@ def _detect(path: Path, first: Any) -> str:
                      "requests; pass the format explicitly")
 
 
-def load_requests(path: str | os.PathLike, fmt: str = "auto", limit: int | None = None) -> list[EditRequest]:
+def load_requests(path: str | os.PathLike, fmt: str = "auto", limit: int | None = None,
+                  accept: tuple[str, ...] | None = None) -> list[EditRequest]:
     """Read and validate edit requests; `limit` keeps the first N (and must not exceed what is there).
 
     fmt is one of counterfact, rome, zsre, jsonl, auto. The container follows the suffix (.jsonl: one
@@ -281,6 +282,8 @@ def load_requests(path: str | os.PathLike, fmt: str = "auto", limit: int | None 
         records, labels = records[:limit], labels[:limit]
     if fmt == "auto":
         fmt = _detect(path, records[0])
+    if accept is not None and fmt not in accept:
+        raise InputError(f"{path} holds {fmt} records, but this command expects {' or '.join(accept)} data")
     reader = _READERS[fmt]
     requests = []
     for i, (rec, where) in enumerate(zip(records, labels)):
