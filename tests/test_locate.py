@@ -314,6 +314,20 @@ def test_prefix_cache_gives_the_reference_values(tiny, tokenizer):
     torch.testing.assert_close(cached.delta, full.delta, atol=1e-6, rtol=0)
 
 
+def test_chunked_values_equal_one_chunk(tiny, tokenizer):
+    """Gradient accumulation over request chunks (the memory knob) gives the same v* (float64)."""
+    import dataclasses
+
+    model = copy.deepcopy(tiny.model).to(torch.float64)
+    templates = context_templates(model, tokenizer, CONTEXT["n_context"], CONTEXT["context_length"], CONTEXT["seed"])
+    whole = compute_values(model, tokenizer, REQUESTS, 2, templates, VALUE, progress=False)
+    chunked = compute_values(model, tokenizer, REQUESTS, 2, templates, dataclasses.replace(VALUE, chunk_requests=1),
+                             progress=False)
+    assert whole.steps.tolist() == chunked.steps.tolist()
+    torch.testing.assert_close(whole.delta, chunked.delta, atol=1e-8, rtol=0)
+    torch.testing.assert_close(whole.v0, chunked.v0, atol=1e-12, rtol=0)
+
+
 def test_values_of_a_weight_matrix_view(tiny):
     """weight_as_matrix gives (out, in) for both layouts: W k through the module equals the matrix product."""
     W = mlp_out_module(tiny.model, 1)

@@ -48,7 +48,7 @@ def test_rome_edits_and_reverts(smol):
     request = EditRequest(prompt, "The Eiffel Tower", "Rome", "Paris")
     rome = get_editor("rome")
     config = apply_overrides(rome.config_cls(), {**defaults_for("rome", "smollm2-135m", model), "stats_tokens": 20000})
-    assert config.layers == (4,) and config.stats_tokens == 20000 and not config.identity_cov
+    assert config.layers == (6,) and config.stats_tokens == 20000 and not config.identity_cov
     assert make_config("rome", "smollm2-135m", model, {"stats_tokens": 20000}) == config
 
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}

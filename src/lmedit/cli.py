@@ -309,6 +309,10 @@ def report(results: list[Path] = typer.Argument(..., help="result JSON files fro
     console.print(f"wrote {build_report(results, out)}")
 
 
+from lmedit.cli_canonical import register_canonical  # noqa: E402  (registers `eval canonical`)
+register_canonical(eval_app)
+
+
 def main() -> None:
     import click
 

@@ -38,6 +38,7 @@ class ValueConfig:
     weight_decay: float = 1e-3  # on ‖δ‖²/‖v0‖²
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v0‖
     early_stop_loss: float = 5e-2  # a request stops once its loss is below this (P(target) ≈ 0.95)
+    chunk_requests: int = 32  # requests per forward/backward (gradients accumulate): memory only, same result
 
 
 @dataclass
@@ -87,6 +88,8 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
     n, n_rows = len(requests), len(rows)
     owner_t = torch.tensor(owner, device=device)
     is_kl = torch.tensor([k == "kl" for k in kinds], device=device)
+    is_bare = torch.tensor([k == "rewrite" and templates[r % (len(templates) + 1)] == "{}" for r, k in enumerate(kinds)],
+                           device=device)
     n_rewrite = (~is_kl).float().new_zeros(n).index_add_(0, owner_t[~is_kl], torch.ones(int((~is_kl).sum()), device=device))
 
     # Gather indices for the target tokens of rewrite rows: (row, suffix position, token id).
@@ -119,10 +122,10 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
         out[at] = out[at] + delta[owner_t[rows_now]].to(out.dtype)
         return out
 
-    def capture_v0(out):
-        bare = torch.tensor([r for r in range(n_rows) if kinds[r] == "rewrite"
-                             and templates[r % (len(templates) + 1)] == "{}"], device=device)
-        v0.copy_(out[bare, delta_col[bare]].float())
+    def capture_v0(out):  # the initial pass: v0 of the bare-prompt rows among the rows being run
+        rows_now = row_delta["rows_v0"]
+        bare = torch.nonzero(is_bare[rows_now]).flatten()
+        v0[owner_t[rows_now[bare]]] = out[bare, delta_col[rows_now[bare]]].float()
         return out
 
     def loss_terms(rows_now: torch.Tensor, kl_init: torch.Tensor | None):
@@ -146,35 +149,51 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
         return nll, kl, prob, kl_logp
 
     all_rows = torch.arange(n_rows, device=device)
+
+    def chunks(requests_mask: torch.Tensor):
+        """Row sets of at most `chunk_requests` requests: memory stays flat however many edits are batched."""
+        ids = torch.nonzero(requests_mask).flatten()
+        for lo in range(0, len(ids), config.chunk_requests):
+            part = torch.zeros(n, dtype=torch.bool, device=device)
+            part[ids[lo:lo + config.chunk_requests]] = True
+            yield part, all_rows[part[owner_t]]
+
+    kl_init = None
     with torch.no_grad(), edit_output(W, capture_v0):
-        _, _, _, kl_init_rows = loss_terms(all_rows, None)
-    kl_init = torch.zeros(n, kl_init_rows.shape[-1], device=device)
-    kl_init[owner_t[kl_rows]] = kl_init_rows.detach()
+        for _, rows_now in chunks(torch.ones(n, dtype=torch.bool, device=device)):
+            row_delta["rows_v0"] = rows_now
+            _, _, _, kl_logp = loss_terms(rows_now, None)
+            if kl_init is None:
+                kl_init = torch.zeros(n, kl_logp.shape[-1], device=device)
+            kl_rows_now = rows_now[is_kl[rows_now]]
+            kl_init[owner_t[kl_rows_now]] = kl_logp
     max_norm = config.clamp_norm_factor * v0.norm(dim=1)
 
     opt = torch.optim.Adam([delta], lr=config.lr)
     bar = tqdm(range(config.steps), desc=f"v* ({n} requests, layer {layer})", disable=not progress, leave=False)
     for step in bar:
-        rows_now = all_rows[active[owner_t]]
-        row_delta["rows"] = rows_now
-        with edit_output(W, add_delta):
-            nll, kl, prob, _ = loss_terms(rows_now, kl_init)
-        wd = config.weight_decay * delta.norm(dim=1) ** 2 / v0.norm(dim=1).clamp(min=1e-8) ** 2
-        loss = nll + config.kl_factor * kl + wd  # (n,); inactive entries are not used
-        if not torch.isfinite(loss[active]).all():
-            raise EditFailure("v* optimisation produced a non-finite loss; try a smaller v_lr")
-        target_prob[active.cpu()] = prob.detach().cpu()[active.cpu()]
-        steps_taken[active.cpu()] = step
-        done = active & (loss.detach() < config.early_stop_loss)
-        if step == config.steps - 1:
-            done = active.clone()
-        still = active & ~done
-        bar.set_postfix(active=int(still.sum()), loss=f"{loss[active].mean().item():.3f}")
-        if not still.any():
-            active = still
-            break
         opt.zero_grad()
-        loss[still].sum().backward()
+        still = torch.zeros_like(active)
+        losses = []
+        for part, rows_now in chunks(active):
+            row_delta["rows"] = rows_now
+            with edit_output(W, add_delta):
+                nll, kl, prob, _ = loss_terms(rows_now, kl_init)
+            wd = config.weight_decay * delta.norm(dim=1) ** 2 / v0.norm(dim=1).clamp(min=1e-8) ** 2
+            loss = nll + config.kl_factor * kl + wd  # (n,); only this chunk's entries are used
+            if not torch.isfinite(loss[part]).all():
+                raise EditFailure("v* optimisation produced a non-finite loss; try a smaller value.lr")
+            target_prob[part.cpu()] = prob.detach().cpu()[part.cpu()]
+            steps_taken[part.cpu()] = step
+            losses.append(loss.detach()[part])
+            go_on = part & (loss.detach() >= config.early_stop_loss) if step < config.steps - 1 else part & False
+            if go_on.any():
+                loss[go_on].sum().backward()  # each δ_i depends only on its own rows: chunked = whole
+            still |= go_on
+        bar.set_postfix(active=int(still.sum()), loss=f"{torch.cat(losses).mean().item():.3f}")
+        active = still
+        if not still.any():
+            break
         frozen = delta.detach()[~still].clone()
         opt.step()
         with torch.no_grad():
@@ -182,6 +201,5 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
             norms = delta.norm(dim=1)
             scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
             delta.mul_(scale[:, None])
-        active = still
     row_delta["rows"] = None
     return Values(v0=v0.to(dtype), delta=delta.detach().to(dtype), target_prob=target_prob, steps=steps_taken + 1)

@@ -1,0 +1,581 @@
+"""The canonical-examples protocol for one (task, method, hyperparameters) (Hewitt et al. 2024; DESIGN §8).
+
+1. The unedited point (success rate on the evaluation file, general-text and targeted-text per-token loss,
+   hard-negative NLL) comes from the baseline cache, computed once per model, data and sizes.
+2. Train on the task's canonical (train) examples with the task-kind loss of `canonical.training_loss`
+   (lower is better for every kind), Adam, shuffled mini-batches, for `epochs` epochs; after each epoch the
+   same four numbers are measured (`degradation.evaluate_point`). MEMIT has no epochs: one edit of all
+   canonical examples, one evaluation point (a trace of length 1).
+3. League ε: the change in success rate at the last epoch whose general and targeted loss are both ≤ (1 + ε) ×
+   before (`leagues.league_score`); 0 when none is.
+
+Methods (`METHODS`):
+- `ft`: fine-tuning of chosen modules with the "full" likelihood: the task loss on the suffix plus
+  `prefix_weight` × the per-token NLL of the prefix tokens (as the `ft` editor trains on prompt and target).
+- `ft-conditional`: the same modules with the loss on the suffix only. For canonical examples the conditional
+  loss IS the task loss (raise: −log P(suffix | prefix) per token; lower/balance/prefer: their suffix losses),
+  so ft-conditional is exactly the paper's fine-tuning baseline.
+- `lora`: LoRA adapters (`lora.lora_adapters`) on the chosen modules, trained with the task loss.
+- `memit`: the locate-then-edit core on requests (prompt = prefix, subject, target_new = suffix) built from
+  the canonical examples. Only country_capital (subject = the record's `country`) and company_ceo (`company`)
+  name a subject; the other four tasks have none to locate (a temporal entity, a stereotype target, a
+  profession or a verb is not a fact's subject in the ROME sense), so memit raises InputError there.
+
+Trainable modules: `modules` as in `finetune.resolve_modules` (roles mlp_out / mlp_in / attn_out, a module of
+each block, or "all" = every parameter) at `layers`, where () means EVERY layer. Default: the MLP output
+projections of every layer (26.5M of SmolLM2's 135M parameters, none of them the tied 49k × 576 embedding
+that "all" adds to every Adam step); the paper fine-tunes every parameter, and the search space includes "all".
+
+The model is left bit-exactly as it came: trained tensors are restored from copies in a `finally`, LoRA
+wrappers are removed, MEMIT's patch is reverted. A non-finite training loss or exploding weights is a
+divergence: EditFailure (model unchanged), or with on_diverge="record" the trace stops at the last finished
+epoch and the result says where it diverged (a diverged epoch is never admissible). The edited weights of
+each league's epoch are not kept (for "all" that is a copy of the model per league).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+from lmedit.errors import EditFailure, InputError
+from lmedit.evaluate import degradation
+from lmedit.evaluate.canonical import (CanonicalTask, LossOptions, _records, get_task, load_task,
+                                       training_loss)
+from lmedit.evaluate.degradation import DEFAULT_MAX_TOKENS, DEFAULT_N_DOCS, BaselineCache
+from lmedit.evaluate.leagues import LEAGUES, check_epsilon, league_score
+
+METHODS = ("ft", "ft-conditional", "lora", "memit")
+SUBJECT_FIELDS = {"country_capital": "country", "company_ceo": "company"}  # memit: the field naming the subject
+ANSWER_FIELDS = {"country_capital": "capital", "company_ceo": "ceo"}  # and the one naming the answer
+HALVES = ("a", "b")
+
+
+# ---------------------------------------------------------------- splits: "val", "val:a", "val:b"
+
+def parse_split(split: str) -> tuple[str, str | None]:
+    """("val", None) for "val"; ("val", "a") for "val:a". The half suffix must be :a or :b."""
+    if not isinstance(split, str) or not split:
+        raise InputError(f"split must be a non-empty name such as 'val' or 'val:a', got {split!r}")
+    base, sep, half = split.rpartition(":")
+    if not sep:
+        return split, None
+    if half not in HALVES or not base:
+        raise InputError(f"split {split!r}: a half is written NAME:a or NAME:b (e.g. val:a)")
+    return base, half
+
+
+def halve(task: CanonicalTask, half: str) -> CanonicalTask:
+    """Half of every file of `task`, by line order: a = the first ceil(n/2) records, b = the rest.
+
+    Contiguous halves keep an entity's canonical example and its evaluation texts together, as the files are
+    grouped by entity in the same order (measured on val: country_capital's and stereoset's halves match
+    exactly, pronoun_gender_bias's 10 professions per half too; company_ceo has 1 of 85 companies straddling;
+    9 of temporal's 59 evaluation entities in half a have their canonical example in half b). Even/odd halves
+    would put most entities' training example and evaluation texts in different halves."""
+    if half not in HALVES:
+        raise InputError(f"half must be 'a' or 'b', got {half!r}")
+    parts = {}
+    for role in ("train", "eval", "hard_neg", "unconditional"):
+        rows = getattr(task, role)
+        k = (len(rows) + 1) // 2
+        parts[role] = rows[:k] if half == "a" else rows[k:]
+        if not parts[role]:
+            raise InputError(f"{task.files.get(role, role)} holds {len(rows)} record(s): too few to halve")
+    return CanonicalTask(task.spec, f"{task.split}:{half}", parts["train"], parts["eval"], parts["hard_neg"],
+                         parts["unconditional"], dict(task.files))
+
+
+def load_split(task: str, data_dir, split: str) -> CanonicalTask:
+    """`load_task` for a split name, where NAME:a / NAME:b is one half of every file of split NAME."""
+    base, half = parse_split(split)
+    data = load_task(task, data_dir, base)
+    return data if half is None else halve(data, half)
+
+
+def task_digest(task: CanonicalTask) -> str:
+    """sha256 of all four roles' examples (the baseline cache's digest leaves the training examples out)."""
+    blob = json.dumps({role: [dataclasses.asdict(e) for e in getattr(task, role)]
+                       for role in ("train", "eval", "hard_neg", "unconditional")}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- configurations
+
+@dataclass
+class TrainSettings:
+    """ft-conditional (and the base of ft, lora). Every field can be set with --set key=value."""
+
+    lr: float = 1e-5  # Adam step size; the search samples it log-uniformly
+    epochs: int = 10  # evaluated after each; the league picks the last admissible one
+    batch_size: int = 8  # canonical examples per optimiser step
+    seed: int = 0  # shuffling (and LoRA's initialisation)
+    modules: tuple[str, ...] = ("mlp_out",)  # roles / block modules at `layers`, or ("all",) = every parameter
+    layers: tuple[int, ...] = ()  # () = every layer
+    normalize: str = "token"  # LossOptions: per-token mean of each suffix's log-prob (reference) or "sum"
+    lower: str = "logp"  # LossOptions (stereoset): "logp" (reference, unbounded) or "unlikelihood"
+    floor: float | None = None  # LossOptions: for lower="logp", no gradient below this summed log P
+    balance: str = "abs"  # LossOptions (pronouns): "abs" (reference) or "square"
+    margin: float | None = None  # LossOptions (verbs): None = unbounded −d (reference) or hinge at this margin
+
+
+@dataclass
+class FtSettings(TrainSettings):
+    prefix_weight: float = 1.0  # weight of the prefix tokens' NLL beside the suffix loss ("full" likelihood)
+
+
+@dataclass
+class LoraSettings(TrainSettings):
+    lr: float = 1e-4  # adapters start at zero: a larger step than full fine-tuning
+    rank: int = 8  # r of B A
+    alpha: float = 16.0  # ΔW = (alpha / r) B A
+
+
+SETTINGS = {"ft": FtSettings, "ft-conditional": TrainSettings, "lora": LoraSettings}
+
+
+def check_method(method: str, task: str | None = None) -> str:
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r} for canonical tasks; choose one of: {', '.join(METHODS)}")
+    if method == "memit" and task is not None and get_task(task).name not in SUBJECT_FIELDS:
+        raise InputError(f"memit needs a subject to locate; task {get_task(task).name} has none "
+                         f"(memit runs on: {', '.join(SUBJECT_FIELDS)})")
+    return method
+
+
+def _opt_number(value, name: str) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number or none, got {value!r}") from None
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be finite, got {value}")
+    return value
+
+
+def make_settings(method: str, model, model_name: str = "", overrides: dict[str, Any] | None = None):
+    """The method's configuration: dataclass defaults (memit: the per-model defaults table), then `overrides`
+    (--set k=v strings or values; unknown keys are an InputError listing the valid ones)."""
+    from lmedit.editors import apply_overrides, make_config
+
+    check_method(method)
+    overrides = dict(overrides or {})
+    if method == "memit":
+        return make_config("memit", model_name, model, overrides)
+    if isinstance(overrides.get("modules"), str):
+        overrides["modules"] = tuple(m.strip() for m in overrides["modules"].split(",") if m.strip())
+    settings = apply_overrides(SETTINGS[method](), overrides)
+    return dataclasses.replace(settings, floor=_opt_number(settings.floor, "floor"),
+                               margin=_opt_number(settings.margin, "margin"))
+
+
+def _setting_names(method: str) -> set[str]:
+    if method == "memit":
+        from lmedit.editors import get_editor
+
+        return {f.name for f in dataclasses.fields(get_editor("memit").config_cls)}
+    return {f.name for f in dataclasses.fields(SETTINGS[method])}
+
+
+def overrides_for(method: str, overrides: dict[str, Any] | None, strict: bool = True) -> dict[str, Any]:
+    """The overrides that concern `method`: "METHOD:key" ones for it, and plain keys — all of them when `strict`
+    (an unknown one then fails in make_settings), else only those the method has (one --set for several methods).
+    """
+    out = {}
+    for key, value in (overrides or {}).items():
+        head, sep, rest = key.partition(":")
+        if sep:
+            check_method(head)
+            if head == method:
+                out[rest] = value
+        elif strict or key.partition(".")[0] in _setting_names(method):
+            out[key] = value
+    return out
+
+
+def check_overrides(methods, overrides: dict[str, Any] | None) -> None:
+    """With several methods, every plain key must belong to at least one of them."""
+    for key in overrides or {}:
+        head, sep, _ = key.partition(":")
+        if sep:
+            check_method(head)
+        elif not any(key.partition(".")[0] in _setting_names(m) for m in methods):
+            valid = sorted(set().union(*(_setting_names(m) for m in methods)))
+            raise InputError(f"unknown setting {key!r} for {', '.join(methods)}; valid: {', '.join(valid)}")
+
+
+def _check(settings: TrainSettings, model) -> tuple[LossOptions, tuple[int, ...]]:
+    from lmedit.editors.finetune import trainable_parameters
+    from lmedit.models.arch import check_layer, num_layers
+
+    if not (isinstance(settings.lr, (int, float)) and math.isfinite(settings.lr) and settings.lr > 0):
+        raise InputError(f"lr must be a positive finite number, got {settings.lr}")
+    for name in ("epochs", "batch_size"):
+        if isinstance(getattr(settings, name), bool) or getattr(settings, name) < 1:
+            raise InputError(f"{name} must be at least 1, got {getattr(settings, name)}")
+    if isinstance(settings, LoraSettings) and (settings.rank < 1 or not settings.alpha > 0):
+        raise InputError(f"LoRA needs rank >= 1 and alpha > 0, got rank={settings.rank}, alpha={settings.alpha}")
+    if isinstance(settings, FtSettings) and not settings.prefix_weight >= 0:
+        raise InputError(f"prefix_weight must be >= 0, got {settings.prefix_weight}")
+    if not settings.modules:
+        raise InputError("modules must name at least one module, role or 'all'")
+    layers = tuple(settings.layers) or tuple(range(num_layers(model)))
+    for layer in layers:
+        check_layer(model, layer)
+    trainable_parameters(model, layers, tuple(settings.modules))  # unknown names fail here, before any work
+    options = LossOptions(settings.normalize, settings.lower, settings.floor, settings.balance, settings.margin)
+    return options, layers
+
+
+# ---------------------------------------------------------------- the runner
+
+@dataclass(frozen=True)
+class Protocol:
+    """What every evaluation point measures: the general-text subset, sizes, and the leagues reported."""
+
+    general_path: str
+    n_docs: int = DEFAULT_N_DOCS
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
+    targeted_max_tokens: int | None = None
+    eval_batch_size: int = 16
+    leagues: tuple[float, ...] = LEAGUES
+    patience: int | None = None  # stop after this many epochs in a row inadmissible in every league; None = never
+
+    def key(self) -> dict:
+        """The parts that change a number (for cache keys and study names)."""
+        return {"general": degradation.file_digest(self.general_path), "n_docs": self.n_docs,
+                "max_tokens": self.max_tokens, "targeted_max_tokens": self.targeted_max_tokens,
+                "patience": self.patience, "stop_league": max(self.leagues) if self.patience else None}
+
+
+def league_key(epsilon: float) -> str:
+    return f"{float(epsilon):g}"
+
+
+class Runner:
+    """One model under the protocol: loads the general texts once, fingerprints the unedited model once, and
+    keeps each task's unedited point (from the baseline cache) in memory, so trials never recompute it."""
+
+    def __init__(self, model, tokenizer, protocol: Protocol, model_name: str = "model",
+                 cache: BaselineCache | None = None, fingerprint: str | None = None):
+        if protocol.patience is not None and (isinstance(protocol.patience, bool) or protocol.patience < 1):
+            raise InputError(f"patience must be a positive integer or none, got {protocol.patience!r}")
+        self.protocol = dataclasses.replace(protocol, leagues=tuple(check_epsilon(e) for e in protocol.leagues))
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.cache = cache or BaselineCache()
+        self.general_texts = degradation.load_texts(protocol.general_path, protocol.n_docs)
+        self._fingerprint = fingerprint
+        self._protocol_key: dict | None = None
+        self._unedited: dict[str, tuple[dict, bool]] = {}
+
+    @property
+    def protocol_key(self) -> dict:
+        if self._protocol_key is None:
+            self._protocol_key = self.protocol.key()
+        return self._protocol_key
+
+    @property
+    def fingerprint(self) -> str:
+        """model_fingerprint of the unedited model (first asked for before any edit, when the model is unedited)."""
+        if self._fingerprint is None:
+            self._fingerprint = degradation.model_fingerprint(self.model, self.tokenizer)
+        return self._fingerprint
+
+    def unedited(self, task: CanonicalTask) -> tuple[dict[str, float], bool]:
+        """(unedited point, whether it came from a cache); call only while the model is unedited."""
+        key = degradation.examples_digest(task)
+        if key not in self._unedited:
+            p = self.protocol
+            self._unedited[key] = degradation.unedited_point(
+                self.model, self.tokenizer, task, p.general_path, n_docs=p.n_docs, max_tokens=p.max_tokens,
+                targeted_max_tokens=p.targeted_max_tokens, batch_size=p.eval_batch_size, cache=self.cache,
+                fingerprint=self.fingerprint)
+            return self._unedited[key]
+        return self._unedited[key][0], True
+
+    def evaluate(self, task: CanonicalTask) -> dict[str, float]:
+        p = self.protocol
+        return degradation.evaluate_point(self.model, self.tokenizer, task, self.general_texts,
+                                          max_tokens=p.max_tokens, targeted_max_tokens=p.targeted_max_tokens,
+                                          batch_size=p.eval_batch_size)
+
+    def run(self, task: CanonicalTask, method: str, settings=None, *, on_diverge: Literal["raise", "record"] = "raise",
+            announce: Callable[[str], None] | None = None) -> dict:
+        return run_canonical(self, task, method, settings, on_diverge=on_diverge, announce=announce)
+
+
+# ---------------------------------------------------------------- training
+
+class _Diverged(Exception):
+    def __init__(self, message: str, trace: list[dict]):
+        super().__init__(message)
+        self.message, self.trace = message, trace  # the epochs finished before the divergence
+
+
+def _prefix_nll(model, tokenizer, prefixes: list[str]) -> torch.Tensor:
+    """Token-weighted mean NLL of each prefix's tokens 2..n given the ones before (differentiable)."""
+    from lmedit.locate.prompts import encode
+
+    rows = [ids for ids in (encode(tokenizer, p) for p in dict.fromkeys(prefixes)) if len(ids) >= 2]
+    device = next(model.parameters()).device
+    if not rows:
+        return torch.zeros((), device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()  # (b, t-1, vocab)
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def _train_epochs(runner: Runner, task: CanonicalTask, params: dict[str, torch.nn.Parameter], settings: TrainSettings,
+                  options: LossOptions, prefix_weight: float, before: dict, announce) -> list[dict]:
+    """Adam over shuffled mini-batches; evaluate after each epoch. Raises _Diverged with the trace so far."""
+    from lmedit.editors.finetune import DIVERGED
+
+    model, tokenizer = runner.model, runner.tokenizer
+    norms0 = {n: float(p.detach().float().norm()) for n, p in params.items()}
+    optimiser = torch.optim.Adam(list(params.values()), lr=settings.lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+    examples = list(task.train)
+    trace, stale, widest = [], 0, max(runner.protocol.leagues)
+    for epoch in range(1, settings.epochs + 1):
+        t0, total = time.perf_counter(), 0.0
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        with torch.enable_grad():
+            for lo in range(0, len(order), settings.batch_size):
+                batch = [examples[i] for i in order[lo:lo + settings.batch_size]]
+                loss = training_loss(model, tokenizer, task.spec, batch, options)
+                if prefix_weight:
+                    loss = loss + prefix_weight * _prefix_nll(model, tokenizer, [ex.prefix for ex in batch])
+                if not torch.isfinite(loss):
+                    raise _Diverged(f"the training loss became non-finite in epoch {epoch} (lr {settings.lr:g})", trace)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * len(batch)
+        optimiser.zero_grad(set_to_none=True)
+        for name, p in params.items():  # exploding weights: the step size is wrong (finetune.DIVERGED)
+            norm = float(p.detach().float().norm())
+            if not math.isfinite(norm) or (norms0[name] > 0 and norm > DIVERGED * norms0[name]):
+                what = "became non-finite" if not math.isfinite(norm) else "exploded"
+                raise _Diverged(f"training diverged in epoch {epoch}: the weights of {name} {what} "
+                                f"(lr {settings.lr:g})", trace)
+        train_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        point = runner.evaluate(task)
+        trace.append({"epoch": epoch, "train_loss": total / len(examples), **point,
+                      "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t0})
+        if announce:
+            announce(_epoch_line(trace[-1], before))
+        ok = all(point[k] <= (1 + widest) * before[k] for k in ("general_loss", "targeted_loss"))
+        stale = 0 if ok else stale + 1
+        if runner.protocol.patience and stale >= runner.protocol.patience:
+            break
+    return trace
+
+
+def _epoch_line(p: dict, before: dict) -> str:
+    general, targeted = (p[k] / before[k] for k in ("general_loss", "targeted_loss"))
+    return (f"epoch {p['epoch']}: success {p['success_rate']:.3f} (before {before['success_rate']:.3f}), general "
+            f"×{general:.6f}, targeted ×{targeted:.6f}, "
+            f"hard-neg NLL {p['hard_negative_nll'] - before['hard_negative_nll']:+.4f}")
+
+
+def _train_weights(runner, task, settings: TrainSettings, options, layers, prefix_weight, before, announce):
+    from lmedit.editors.finetune import trainable_parameters
+
+    names = trainable_parameters(runner.model, layers, tuple(settings.modules))
+    all_params = dict(runner.model.named_parameters())
+    chosen = {n: all_params[n] for n in names}
+    originals = {n: p.detach().clone() for n, p in chosen.items()}
+    flags = {n: p.requires_grad for n, p in chosen.items()}
+    try:
+        for p in chosen.values():
+            p.requires_grad_(True)
+        return _train_epochs(runner, task, chosen, settings, options, prefix_weight, before, announce)
+    finally:
+        with torch.no_grad():
+            for n, p in chosen.items():
+                p.copy_(originals[n])
+                p.requires_grad_(flags[n])
+                p.grad = None
+
+
+def _train_lora(runner, task, settings: LoraSettings, options, layers, before, announce):
+    from lmedit.editors.finetune import resolve_modules
+    from lmedit.editors.lora import lora_adapters
+
+    targets = resolve_modules(runner.model, layers, tuple(settings.modules))
+    with lora_adapters(runner.model, targets, settings.rank, settings.alpha, settings.seed):
+        params = {n: p for n, p in runner.model.named_parameters() if p.requires_grad}  # A and B only
+        return _train_epochs(runner, task, params, settings, options, 0.0, before, announce)
+
+
+# ---------------------------------------------------------------- memit
+
+def memit_requests(task: CanonicalTask) -> tuple[list, dict]:
+    """(one EditRequest per canonical example, notes). prompt = prefix, target_new = suffix, subject = the record's
+    subject field (`SUBJECT_FIELDS`), matched in the prompt without regard to case and taken as written there.
+
+    A few val records split the sentence before the subject (prefix "The capital of", suffix " Algeria is
+    Alger"; 5 of 119 in country_capital). For those the split moves to just before the record's answer field
+    (`ANSWER_FIELDS`): prompt "The capital of Algeria is", target " Alger" — the same sentence, with a subject
+    to locate. Anything else without the subject in it is an InputError naming the line."""
+    from lmedit.requests import EditRequest
+
+    check_method("memit", task.spec)
+    name, answer_name = SUBJECT_FIELDS[task.name], ANSWER_FIELDS[task.name]
+    path = task.files.get("train")
+    if path is None:
+        raise InputError(f"{task.name}: memit needs the training file to read each example's {name!r}")
+    subjects: dict[tuple, tuple[str, str | None, int]] = {}
+    for lineno, rec in _records(path):
+        if name not in rec:
+            raise InputError(f"{path}, line {lineno}: record lacks field {name!r}, which memit needs to locate the "
+                             f"subject (it has: {', '.join(sorted(rec))})")
+        if not isinstance(rec[name], str) or not rec[name].strip():
+            raise InputError(f"{path}, line {lineno}: field {name!r} must be a non-empty string")
+        answer = rec.get(answer_name) if isinstance(rec.get(answer_name), str) else None
+        subjects.setdefault((rec.get("prefix"), rec.get("suffix")), (rec[name], answer, lineno))
+    requests, notes = [], {"requests": 0, "split_moved": [], "subject_case": []}
+    for ex in task.train:
+        subject, answer, lineno = subjects[(ex.prefix, ex.suffix)]
+        prompt, target = ex.prefix, ex.suffix
+        if subject.lower() not in prompt.lower():
+            text = (prompt + target).rstrip().rstrip(".").rstrip()
+            cut = len(text) - len(answer or "")
+            if not (answer and text.endswith(answer) and subject.lower() in text[:cut].lower() and text[:cut].strip()):
+                raise InputError(f"{path}, line {lineno}: subject {subject!r} (field {name!r}) does not occur in the "
+                                 f"prefix {ex.prefix!r}, and the text does not end with its {answer_name!r}")
+            prompt, target = text[:cut].rstrip(), " " + answer
+            notes["split_moved"].append(lineno)
+        i = prompt.lower().rfind(subject.lower())
+        if prompt[i:i + len(subject)] != subject:
+            notes["subject_case"].append(lineno)
+        requests.append(EditRequest(prompt=prompt, subject=prompt[i:i + len(subject)], target_new=target))
+    notes["requests"] = len(requests)
+    return requests, notes
+
+
+def _memit_trace(runner: Runner, task: CanonicalTask, config, before, announce) -> list[dict]:
+    from lmedit.editors import get_editor
+
+    t0 = time.perf_counter()
+    requests, notes = memit_requests(task)
+    patch = get_editor("memit").fn(runner.model, runner.tokenizer, requests, config, progress=False,
+                                   announce=lambda *_: None)
+    edit_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with patch.apply(runner.model):
+        point = runner.evaluate(task)
+    trace = [{"epoch": 1, **point, "train_seconds": edit_seconds, "eval_seconds": time.perf_counter() - t0,
+              "memit_requests": notes}]
+    if announce:
+        announce(_epoch_line(trace[0], before))
+    return trace
+
+
+# ---------------------------------------------------------------- the protocol
+
+def _check_type(method: str, settings) -> None:
+    from lmedit.locate.core import LocateConfig
+
+    want = LocateConfig if method == "memit" else SETTINGS[method]
+    if not isinstance(settings, want):
+        raise InputError(f"{method} takes a {want.__name__}, got {type(settings).__name__}")
+
+
+def league_table(trace: list[dict], before: dict, leagues) -> dict[str, dict]:
+    """Per league: score, the chosen epoch and that point's numbers with their change from before."""
+    view = [{k: (math.nan if v is None else v) for k, v in p.items()} for p in trace]
+    out = {}
+    for eps in leagues:
+        res = league_score(view, before, eps)
+        p = res.point or before
+        out[league_key(eps)] = {
+            "epsilon": res.epsilon, "score": res.score, "epoch": res.epoch,
+            "success_rate": p["success_rate"],
+            "general_loss": p["general_loss"], "general_change": p["general_loss"] / before["general_loss"] - 1,
+            "targeted_loss": p["targeted_loss"],
+            "targeted_change": p["targeted_loss"] / before["targeted_loss"] - 1,
+            "hard_negative_nll": p["hard_negative_nll"],
+            "hard_negative_change": p["hard_negative_nll"] - before["hard_negative_nll"],
+        }
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def run_canonical(runner: Runner, task: CanonicalTask, method: str, settings=None, *,
+                  on_diverge: Literal["raise", "record"] = "raise",
+                  announce: Callable[[str], None] | None = None) -> dict:
+    """The protocol for one (task, method, settings); the model comes back bit-exactly as it was.
+
+    Returns {task, split, model, method, config, n, unedited, unedited_from_cache, trace, leagues, diverged,
+    timing}; `leagues` maps "0.001" / "0.0001" / "1e-05" to {score, epoch, success_rate, general_loss,
+    general_change, targeted_loss, targeted_change, hard_negative_nll, hard_negative_change}."""
+    check_method(method, task.spec)
+    if on_diverge not in ("raise", "record"):
+        raise InputError(f"on_diverge must be 'raise' or 'record', got {on_diverge!r}")
+    model = runner.model
+    if settings is None:
+        settings = make_settings(method, model, runner.model_name)
+    t_start = time.perf_counter()
+    before, from_cache = runner.unedited(task)  # before any weight moves
+    unedited_seconds = time.perf_counter() - t_start
+    diverged = None
+    t0 = time.perf_counter()
+    _check_type(method, settings)
+    if method == "memit":
+        settings.validate(model)
+        trace = _memit_trace(runner, task, settings, before, announce)
+    else:
+        options, layers = _check(settings, model)
+        try:
+            if method == "lora":
+                trace = _train_lora(runner, task, settings, options, layers, before, announce)
+            else:
+                weight = settings.prefix_weight if method == "ft" else 0.0
+                trace = _train_weights(runner, task, settings, options, layers, weight, before, announce)
+        except _Diverged as e:
+            if on_diverge == "raise":
+                raise EditFailure(f"{task.name} {method}: {e.message}; lower lr; the model is unchanged") from None
+            diverged, trace = e.message, e.trace
+    result = {
+        "task": task.name, "split": task.split, "model": runner.model_name, "method": method,
+        "config": asdict(settings), "kind": task.kind, "rule": task.spec.rule,
+        "n": {role: len(getattr(task, role)) for role in ("train", "eval", "hard_neg", "unconditional")},
+        "protocol": {"general_text": str(runner.protocol.general_path), "n_docs": runner.protocol.n_docs,
+                     "max_tokens": runner.protocol.max_tokens, "patience": runner.protocol.patience,
+                     "admissible": "general and targeted per-token loss <= (1 + eps) x unedited; score = change "
+                                   "in success rate at the last admissible epoch, 0 if none"},
+        "unedited": before, "unedited_from_cache": from_cache, "trace": trace,
+        "leagues": league_table(trace, before, runner.protocol.leagues), "diverged": diverged,
+        "timing": {"unedited_seconds": unedited_seconds, "run_seconds": time.perf_counter() - t0,
+                   "train_seconds": sum(p["train_seconds"] for p in trace),
+                   "eval_seconds": sum(p["eval_seconds"] for p in trace)},
+    }
+    return _jsonable(result)

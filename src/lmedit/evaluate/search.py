@@ -1,0 +1,380 @@
+"""Hyperparameter search for the canonical-examples protocol (Optuna), the re-run on the report split, the table.
+
+Per (task, method, league) one Optuna study maximises the league score on the SELECTION split (e.g. `val:a`,
+the first half of every val file; see `canonical_run.halve`); `run_selected` then runs the best configuration
+once on the REPORT split (`val:b`, or a split of its own such as `test`). Search space (`SearchSpace`):
+- ft, ft-conditional: lr log-uniform, epochs 1..max_epochs, modules ∈ {mlp_out, attn_out+mlp_out, all}
+  (at every layer);
+- lora: lr log-uniform, epochs, rank ∈ {1, 2, 4, 8, 16, 32};
+- memit (no lr, no epochs): λ = mom2_weight log-uniform and the v* clamp `value.clamp_norm_factor` log-uniform.
+A setting given with --set is fixed and not sampled.
+
+Storage: `sqlite:///<cache>/canonical/optuna.db` by default; any RDB URL (e.g. postgresql://…) lets several
+machines work on one study (each runs trials until the study holds n_trials complete ones). The study name holds
+task, method, league and split plus a digest of the model, the data, the protocol, the fixed settings and the
+space, so a change starts a new study. The TPE sampler is seeded with seed + the number of trials the study
+already holds (a resumed or second worker does not replay the first one's draws).
+
+Reuse: the unedited point comes from the Runner (once per model and data, from the baseline cache); and each
+run's result is cached by (model, data, method, full configuration, protocol), so a configuration drawn in
+several studies runs once. With the same seed, the three league studies of a (task, method) draw the same
+random start-up configurations (TPE's first 10), so those trials run once for all three leagues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from lmedit.errors import EditFailure, InputError
+from lmedit.evaluate.canonical import CanonicalTask
+from lmedit.evaluate.canonical_run import (SUBJECT_FIELDS, Runner, check_method, league_key, league_table,
+                                           make_settings, overrides_for, check_overrides, run_canonical, task_digest)
+from lmedit.evaluate.leagues import LEAGUES, check_epsilon
+from lmedit.fileio import atomic_write_bytes
+
+RUN_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    max_epochs: int = 10
+    ft_lr: tuple[float, float] = (1e-7, 1e-3)
+    lora_lr: tuple[float, float] = (1e-6, 1e-1)
+    ft_modules: tuple[str, ...] = ("mlp_out", "attn_out,mlp_out", "all")
+    lora_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    memit_mom2_weight: tuple[float, float] = (1.0, 1e6)
+    memit_clamp: tuple[float, float] = (0.05, 4.0)
+
+    def __post_init__(self):
+        if isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, int) or self.max_epochs < 1:
+            raise InputError(f"the most epochs a trial may train must be a positive integer, got {self.max_epochs!r}")
+
+
+def suggest(trial, method: str, space: SearchSpace, fixed: dict) -> dict:
+    """The sampled settings of one trial (names as --set takes them); names in `fixed` are not sampled."""
+    out = {}
+
+    def want(name):
+        return name not in fixed
+
+    if method in ("ft", "ft-conditional", "lora"):
+        lo, hi = space.lora_lr if method == "lora" else space.ft_lr
+        if want("lr"):
+            out["lr"] = trial.suggest_float("lr", lo, hi, log=True)
+        if want("epochs"):
+            out["epochs"] = trial.suggest_int("epochs", 1, space.max_epochs)
+        if method == "lora" and want("rank"):
+            out["rank"] = trial.suggest_categorical("rank", list(space.lora_ranks))
+        if method != "lora" and want("modules"):
+            out["modules"] = trial.suggest_categorical("modules", list(space.ft_modules))
+    else:
+        if want("mom2_weight"):
+            out["mom2_weight"] = trial.suggest_float("mom2_weight", *space.memit_mom2_weight, log=True)
+        if want("value.clamp_norm_factor"):
+            out["value.clamp_norm_factor"] = trial.suggest_float("value.clamp_norm_factor", *space.memit_clamp,
+                                                                 log=True)
+    return out
+
+
+def default_storage(runner: Runner) -> str:
+    path = Path(runner.cache.root) / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def study_name(runner: Runner, task: CanonicalTask, method: str, league: float, fixed: dict,
+               space: SearchSpace) -> str:
+    d = _digest({"model": runner.fingerprint, "data": task_digest(task), "protocol": runner.protocol_key,
+                 "fixed": fixed, "space": dataclasses.asdict(space)})
+    return f"canonical:{task.name}:{method}:eps={league_key(league)}:{task.split}:{d[:12]}"
+
+
+def cached_run(runner: Runner, task: CanonicalTask, method: str, settings,
+               announce: Callable[[str], None] | None = None) -> tuple[dict, bool]:
+    """(result, whether it was reused): a run of this exact configuration on this data, model and protocol is
+    read from the cache; divergence is recorded, not raised (its epochs before the divergence still count)."""
+    key = {"what": "canonical-run", "version": RUN_CACHE_VERSION, "model": runner.fingerprint,
+           "data": task_digest(task), "task": task.name, "split": task.split, "method": method,
+           "config": json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
+           "protocol": runner.protocol_key}
+    hit = runner.cache.get(key)
+    if hit is not None:
+        return hit, True
+    result = run_canonical(runner, task, method, settings, on_diverge="record", announce=announce)
+    runner.cache.put(key, result)
+    return result, False
+
+
+def check_storage(storage: str) -> None:
+    """Open an Optuna storage URL once (creating its tables), so a bad URL fails before any model work."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        optuna.storages.get_storage(storage)
+    except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, an unreachable server
+        raise InputError(f"cannot open the Optuna storage {storage!r}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _open_study(name: str, storage: str, seed: int):
+    import optuna
+
+    check_storage(storage)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    return study
+
+
+def search(runner: Runner, task: CanonicalTask, method: str, league: float, *, n_trials: int,
+           storage: str | None = None, seed: int = 0, fixed: dict | None = None,
+           space: SearchSpace = SearchSpace(), announce: Callable[[str], None] | None = None):
+    """Run trials until the study holds `n_trials` complete ones; returns the optuna Study. Each trial stores
+    its league entry, trace length, reuse flag and timing as user attributes."""
+    import optuna
+
+    check_method(method, task.spec)
+    eps = check_epsilon(league)
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise InputError(f"--trials must be a positive integer, got {n_trials!r}")
+    fixed = dict(fixed or {})
+    make_settings(method, runner.model, runner.model_name, fixed)  # bad --set keys fail before any trial
+    storage = storage or default_storage(runner)
+    name = study_name(runner, task, method, eps, fixed, space)
+    study = _open_study(name, storage, seed)
+    study.set_user_attr("split", task.split)
+    study.set_user_attr("task", task.name)
+    runner.unedited(task)  # once, before any trial edits the model
+
+    def objective(trial):
+        overrides = {**fixed, **suggest(trial, method, space, fixed)}
+        settings = make_settings(method, runner.model, runner.model_name, overrides)
+        result, reused = cached_run(runner, task, method, settings)
+        entry = league_table(result["trace"], result["unedited"], [eps])[league_key(eps)]
+        trial.set_user_attr("league", entry)
+        trial.set_user_attr("reused", reused)
+        trial.set_user_attr("epochs_run", len(result["trace"]))
+        trial.set_user_attr("diverged", result["diverged"])
+        trial.set_user_attr("timing", {} if reused else result["timing"])
+        trial.set_user_attr("success_trace", [p["success_rate"] for p in result["trace"]])
+        if announce:
+            shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in trial.params.items()}
+            announce(f"  trial {trial.number}: {shown} → score {entry['score']:+.4f} (epoch {entry['epoch']})"
+                     f"{' [reused]' if reused else ''}{' [diverged]' if result['diverged'] else ''}")
+        return entry["score"]
+
+    complete = optuna.trial.TrialState.COMPLETE
+    done = sum(t.state == complete for t in study.trials)
+    if done < n_trials:
+        study.optimize(objective, n_trials=n_trials - done,
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=(complete,))])
+    return study
+
+
+def run_selected(runner: Runner, study, task: CanonicalTask, method: str, league: float, *,
+                 fixed: dict | None = None, announce: Callable[[str], None] | None = None) -> dict:
+    """Re-run the study's best configuration on `task` (the report split); the result carries the selection."""
+    import optuna
+
+    eps = check_epsilon(league)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise EditFailure(f"study {study.study_name} has no complete trial to select from")
+    best = study.best_trial
+    overrides = {**(fixed or {}), **best.params}
+    settings = make_settings(method, runner.model, runner.model_name, overrides)
+    t0 = time.perf_counter()
+    result, reused = cached_run(runner, task, method, settings, announce=announce)
+    result = dict(result)
+    result["leagues"] = league_table(result["trace"], result["unedited"], sorted({*runner.protocol.leagues, eps},
+                                                                               reverse=True))
+    result["selection"] = {"league": eps, "study": study.study_name, "selected_on": study.user_attrs.get("split"),
+                           "n_trials": len(complete), "best_trial": best.number, "best_value": best.value,
+                           "params": best.params, "fixed": fixed or {}, "reused": reused,
+                           "seconds": time.perf_counter() - t0}
+    return result
+
+
+# ---------------------------------------------------------------- the whole table
+
+def _cell(entry: dict, extra: dict) -> dict:
+    return {**entry, **extra}
+
+
+def _account(acc: dict, timing: dict | None, reused: bool) -> None:
+    """Add one run's seconds to the table's breakdown (a reused run cost nothing here)."""
+    if reused or not timing:
+        acc["runs_reused"] += 1
+        return
+    acc["runs"] += 1
+    for k in ("train_seconds", "eval_seconds", "unedited_seconds"):
+        acc[k] += timing.get(k, 0.0)
+
+
+def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, report: dict[str, CanonicalTask],
+                    methods: Sequence[str], leagues: Sequence[float] = LEAGUES, *, n_trials: int = 0,
+                    storage: str | None = None, seed: int = 0, fixed: dict | None = None,
+                    space: SearchSpace = SearchSpace(), announce: Callable[[str], None] | None = None) -> dict:
+    """Methods × tasks × leagues. With n_trials > 0: a study per cell on `select[task]`, its best configuration
+    reported on `report[task]`; with n_trials = 0: one run per (task, method) with the fixed settings, scored
+    in every league. memit on a task without a subject is a cell {"skipped": reason}."""
+    say = announce or (lambda *_: None)
+    leagues = [check_epsilon(e) for e in leagues]
+    check_overrides(methods, fixed)
+    t_all = time.perf_counter()
+    table = {"kind": "canonical-table", "model": runner.model_name, "methods": list(methods),
+             "leagues": [league_key(e) for e in leagues], "n_trials": n_trials,
+             "select_split": next(iter(select.values())).split if (select and n_trials) else None,
+             "report_split": next(iter(report.values())).split,
+             "storage": (storage or default_storage(runner)) if n_trials else None, "seed": seed,
+             "fixed": dict(fixed or {}), "space": dataclasses.asdict(space) if n_trials else None,
+             "protocol": None, "tasks": {}, "timing": {}}
+    acc = {"runs": 0, "runs_reused": 0, "train_seconds": 0.0, "eval_seconds": 0.0, "unedited_seconds": 0.0}
+    for name, rep in report.items():
+        unedited, _ = runner.unedited(rep)
+        row = {"rule": rep.spec.rule, "kind": rep.kind, "n": {r: len(getattr(rep, r)) for r in
+                                                               ("train", "eval", "hard_neg", "unconditional")},
+               "unedited": unedited, "methods": {}}
+        table["tasks"][name] = row
+        for method in methods:
+            t0 = time.perf_counter()
+            if method == "memit" and name not in SUBJECT_FIELDS:
+                row["methods"][method] = {"skipped": f"memit needs a subject to locate; task {name} has none"}
+                continue
+            say(f"{name} · {method}")
+            mine = overrides_for(method, fixed, strict=False)
+            cells = {}
+            if not n_trials:
+                settings = make_settings(method, runner.model, runner.model_name, mine)
+                result, reused = cached_run(runner, rep, method, settings, announce=announce)
+                _account(acc, result["timing"], reused)
+                lt = league_table(result["trace"], result["unedited"], leagues)
+                for eps in leagues:
+                    cells[league_key(eps)] = _cell(lt[league_key(eps)], {"config": result["config"], "reused": reused,
+                                                                         "diverged": result["diverged"]})
+            else:
+                for eps in leagues:
+                    study = search(runner, select[name], method, eps, n_trials=n_trials, storage=storage, seed=seed,
+                                   fixed=mine, space=space, announce=announce)
+                    for t in study.trials:
+                        _account(acc, t.user_attrs.get("timing"), t.user_attrs.get("reused", True))
+                    res = run_selected(runner, study, rep, method, eps, fixed=mine)
+                    sel = res["selection"]
+                    _account(acc, res["timing"], sel["reused"])
+                    cells[league_key(eps)] = _cell(res["leagues"][league_key(eps)], {
+                        "params": sel["params"], "select_score": sel["best_value"], "study": sel["study"],
+                        "diverged": res["diverged"], "epochs_run": len(res["trace"])})
+                    say(f"  ε={league_key(eps)}: select {sel['best_value']:+.4f} → report "
+                        f"{cells[league_key(eps)]['score']:+.4f} with {sel['params']}")
+            row["methods"][method] = {"leagues": cells}
+            table["timing"][f"{name}/{method}"] = time.perf_counter() - t0
+    table["timing"]["total"] = time.perf_counter() - t_all
+    table["timing"]["breakdown"] = acc
+    p = runner.protocol
+    table["protocol"] = {"general_text": str(p.general_path), "n_docs": p.n_docs, "max_tokens": p.max_tokens,
+                         "patience": p.patience}
+    return table
+
+
+# ---------------------------------------------------------------- markdown and PNG
+
+def _signed(x, digits=3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.{digits}f}"
+
+
+def _cell_text(cell: dict | None) -> str:
+    if not cell:
+        return "–"
+    if "skipped" in cell:
+        return "n/a"
+    ep = "unedited" if cell["epoch"] is None else f"ep {cell['epoch']}"
+    return (f"{_signed(cell['score'])} ({ep}; gen {cell['general_change']:+.1e}, tgt {cell['targeted_change']:+.1e}, "
+            f"hn {cell['hard_negative_change']:+.3f})")
+
+
+def render_markdown(table: dict) -> str:
+    """One table per league in the paper's shape: rows = the unedited success rate and each method, columns =
+    tasks; a cell is Δ success rate at the last admissible epoch, with that epoch's general-loss and targeted-
+    loss relative change and the hard-negative NLL change (nats; + is worse)."""
+    tasks = list(table["tasks"])
+    lines = [f"# Canonical-examples editing: {table['model']}", ""]
+    if table.get("n_trials"):
+        lines.append(f"Hyperparameters: {table['n_trials']} Optuna trials per cell on `{table['select_split']}`; "
+                     f"numbers from one run of the best configuration on `{table['report_split']}`.")
+    else:
+        lines.append(f"One run per cell with fixed settings {table.get('fixed') or '(defaults)'} on "
+                     f"`{table['report_split']}`.")
+    lines += ["", "Cell: Δ success rate (epoch; general-loss change, targeted-loss change relative to unedited; "
+                  "hard-negative NLL change in nats). n/a: the method does not apply.", ""]
+    header = "| method | " + " | ".join(tasks) + " |"
+    rule = "|---" * (len(tasks) + 1) + "|"
+    for eps in table["leagues"]:
+        lines += [f"## League ε = {eps}", "", header, rule,
+                  "| unedited success rate | " + " | ".join(f"{table['tasks'][t]['unedited']['success_rate']:.3f}"
+                                                         for t in tasks) + " |"]
+        for method in table["methods"]:
+            cells = []
+            for t in tasks:
+                m = table["tasks"][t]["methods"].get(method)
+                cells.append(_cell_text(m if m and "skipped" in m else (m or {}).get("leagues", {}).get(eps)))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    timing = table.get("timing") or {}
+    if timing:
+        b = timing.get("breakdown") or {}
+        lines += [f"Total time: {timing.get('total', 0):.0f} s" + (
+            f"; {b['runs']} runs trained ({b['train_seconds']:.0f} s training, {b['eval_seconds']:.0f} s evaluating "
+            f"after epochs, {b['unedited_seconds']:.0f} s unedited evaluations), {b['runs_reused']} runs reused "
+            "from the run cache." if b else "."), ""]
+    return "\n".join(lines)
+
+
+def plot_table(table: dict, path: str | Path) -> None:
+    """Grouped bars: one panel per league, tasks on the x axis, one bar per method (Δ success rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, methods, leagues = list(table["tasks"]), table["methods"], table["leagues"]
+    fig, axes = plt.subplots(1, len(leagues), figsize=(4.2 * len(leagues) + 1.5, 3.8), sharey=True, squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    labels = [t.replace("_", "\n") + f"\n(unedited {table['tasks'][t]['unedited']['success_rate']:.2f})"
+              for t in tasks]
+    everything = [0.0]
+    for ax, eps in zip(axes[0], leagues):
+        for i, method in enumerate(methods):
+            vals = []
+            for t in tasks:
+                m = table["tasks"][t]["methods"].get(method) or {}
+                vals.append(((m.get("leagues") or {}).get(eps) or {}).get("score") or 0.0)
+            everything += vals
+            ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=method)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], labels, fontsize=7)
+        ax.set_title(f"ε = {eps}")
+    axes[0][0].set_ylim(min(everything) - 0.05, max(everything) + 0.05)  # shared y; zero bars stay readable
+    axes[0][0].set_ylabel("Δ success rate")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"canonical examples: {table['model']}", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_table(table: dict, md_path: str | Path, png_path: str | Path) -> None:
+    plot_table(table, png_path)
+    text = render_markdown(table) + f"\n![canonical table]({Path(png_path).name})\n"
+    atomic_write_bytes(md_path, text.encode())

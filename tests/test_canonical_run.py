@@ -1,0 +1,326 @@
+"""The canonical-examples protocol, its search and its CLI, on a tiny random Llama and hand-made task files.
+
+The task files copy the country_capital format (fields country, capital, prefix, suffix; canonical examples
+"The capital of X is" + " Y") with short texts, as the tiny model has 128 positions; the general text is the
+first few OpenWebText chunks cut to 48 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmedit import cli
+from lmedit.errors import EditFailure, InputError
+from lmedit.evaluate import canonical_run as cr
+from lmedit.evaluate import degradation
+from lmedit.evaluate import search as se
+from lmedit.evaluate.canonical import TASKS, CanonicalTask, PairExample, SuffixExample, TextExample
+from lmedit.evaluate.degradation import BaselineCache
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GENERAL = DATA / "text" / "openwebtext-val100.jsonl"
+COUNTRIES = [("Afghanistan", "Kabul"), ("Albania", "Tirana"), ("Algeria", "Algiers"), ("Andorra", "Andorra la Vella")]
+SPLIT = "tiny"
+MEMIT_FAST = {"identity_cov": "true", "layers": "1,2", "value.steps": "5", "n_context": "1", "mom2_weight": "0.01"}
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """country_capital files for split "tiny", grouped by country in the same order in every file (as the real
+    files are), so the halves tiny:a / tiny:b hold the same two countries in every role."""
+    root = tmp_path / "canonical"
+    d = root / "country_capital"
+    d.mkdir(parents=True)
+    _write(d / f"country_capital_fixed-{SPLIT}.jsonl",
+           [{"statement": f"The capital of {c} is {k}.", "country": c, "capital": k,
+             "prefix": f"The capital of {c} is", "suffix": f" {k}"} for c, k in COUNTRIES])
+    _write(d / f"country_capital_clear_eval-{SPLIT}.jsonl",
+           [r for c, k in COUNTRIES for r in (
+               {"country": c, "capital": k, "prefix": f"Travellers to {c} arrive in its capital,", "suffix": f" {k}"},
+               {"country": c, "capital": k, "prefix": f"The capital of {c} is", "suffix": f" {k}"})])
+    _write(d / f"country_capital_hard_neg-{SPLIT}.jsonl",
+           [{"country": c, "prefix": f"The largest river of {c} flows past the city of", "suffix": " Herat"}
+            for c, _ in COUNTRIES])
+    _write(d / f"country_capital_unconditional-{SPLIT}.jsonl",
+           [{"text": f"The capital of {c} is {k}."} for c, k in COUNTRIES])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return tiny_model("llama")
+
+
+def _runner(tiny, tmp_path, leagues=(1e-3, 0.5, 0.7, 10.0), **kwargs) -> cr.Runner:
+    protocol = cr.Protocol(str(GENERAL), n_docs=4, max_tokens=48, leagues=leagues, **kwargs)
+    return cr.Runner(tiny.model, tiny.tokenizer, protocol, "tiny-llama", cache=BaselineCache(tmp_path / "cache"))
+
+
+def _snapshot(model) -> dict:
+    return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+
+
+def _assert_unchanged(model, snap: dict) -> None:
+    now = dict(model.named_parameters())
+    assert set(now) == set(snap)
+    for n, (t, flag) in snap.items():
+        assert torch.equal(now[n].detach(), t), n  # bit-exact
+        assert now[n].requires_grad == flag, n
+        assert now[n].grad is None, n
+    assert not hasattr(model, "peft_config")
+
+
+# ---------------------------------------------------------------- splits
+
+def test_halves_are_contiguous_and_cover_the_file(data_dir):
+    whole = cr.load_split("country_capital", data_dir, SPLIT)
+    a = cr.load_split("country_capital", data_dir, f"{SPLIT}:a")
+    b = cr.load_split("country_capital", data_dir, f"{SPLIT}:b")
+    assert (a.split, b.split) == ("tiny:a", "tiny:b")
+    for role in ("train", "eval", "hard_neg", "unconditional"):
+        assert getattr(a, role) + getattr(b, role) == getattr(whole, role)
+    assert [e.prefix for e in a.train] == ["The capital of Afghanistan is", "The capital of Albania is"]
+    assert {e.suffix for e in a.eval} == {" Kabul", " Tirana"}  # the same two countries in every role
+    assert cr.task_digest(a) != cr.task_digest(b)
+    for bad in ("tiny:c", ":a", ""):
+        with pytest.raises(InputError):
+            cr.load_split("country_capital", data_dir, bad)
+
+
+# ---------------------------------------------------------------- the protocol
+
+def test_trace_league_logic_and_bit_exact_restore(tiny, data_dir, tmp_path):
+    task = cr.load_split("country_capital", data_dir, SPLIT)
+    runner = _runner(tiny, tmp_path)
+    settings = cr.make_settings("ft-conditional", tiny.model, "tiny-llama",
+                                {"lr": "3e-2", "epochs": "8", "modules": "all", "batch_size": "1"})
+    snap = _snapshot(tiny.model)
+    result = runner.run(task, "ft-conditional", settings)
+    _assert_unchanged(tiny.model, snap)
+
+    trace, before = result["trace"], result["unedited"]
+    assert [p["epoch"] for p in trace] == list(range(1, 9))
+    for p in trace:
+        assert {"success_rate", "general_loss", "targeted_loss", "hard_negative_nll", "train_loss"} <= set(p)
+    assert any(p["success_rate"] > before["success_rate"] for p in trace)  # the edit does something
+    assert result["config"]["modules"] == ["all"] or result["config"]["modules"] == ("all",)
+
+    def by_hand(eps):  # the last epoch whose general AND targeted loss stay within (1 + eps) x before
+        last = None
+        for p in trace:
+            if p["general_loss"] <= (1 + eps) * before["general_loss"] and \
+                    p["targeted_loss"] <= (1 + eps) * before["targeted_loss"]:
+                last = p
+        return (0.0, None) if last is None else (last["success_rate"] - before["success_rate"], last["epoch"])
+
+    chosen = set()
+    for key, entry in result["leagues"].items():
+        score, epoch = by_hand(float(key))
+        assert (entry["score"], entry["epoch"]) == (pytest.approx(score), epoch), key
+        point = trace[epoch - 1] if epoch else before
+        assert entry["general_change"] == pytest.approx(point["general_loss"] / before["general_loss"] - 1)
+        assert entry["hard_negative_change"] == pytest.approx(point["hard_negative_nll"] - before["hard_negative_nll"])
+        chosen.add(epoch)
+    assert len(chosen) >= 2  # the leagues pick different epochs on this trace: the test can tell them apart
+
+
+@pytest.mark.parametrize("method,overrides", [
+    ("ft", {"lr": "1e-2", "epochs": "2", "batch_size": "2"}),
+    ("lora", {"lr": "5e-2", "epochs": "2", "rank": "4", "modules": "mlp_out,attn_out"}),
+    ("memit", MEMIT_FAST),
+])
+def test_each_method_runs_and_restores(tiny, data_dir, tmp_path, method, overrides):
+    task = cr.load_split("country_capital", data_dir, f"{SPLIT}:a")
+    runner = _runner(tiny, tmp_path)
+    snap = _snapshot(tiny.model)
+    result = runner.run(task, method, cr.make_settings(method, tiny.model, "tiny-llama", overrides))
+    _assert_unchanged(tiny.model, snap)
+    assert len(result["trace"]) == (1 if method == "memit" else 2)
+    assert set(result["leagues"]) == {"0.001", "0.5", "0.7", "10"}
+    assert result["split"] == "tiny:a" and result["n"]["train"] == 2
+    json.dumps(result, allow_nan=False)  # strict JSON
+
+
+def test_divergence_is_an_edit_failure_and_leaves_the_model(tiny, data_dir, tmp_path):
+    task = cr.load_split("country_capital", data_dir, SPLIT)
+    runner = _runner(tiny, tmp_path)
+    settings = cr.make_settings("ft-conditional", tiny.model, "tiny-llama",
+                                {"lr": "1e6", "epochs": "3", "modules": "all", "batch_size": "1"})
+    snap = _snapshot(tiny.model)
+    with pytest.raises(EditFailure, match="lower lr; the model is unchanged"):
+        runner.run(task, "ft-conditional", settings)
+    _assert_unchanged(tiny.model, snap)
+    recorded = runner.run(task, "ft-conditional", settings, on_diverge="record")
+    _assert_unchanged(tiny.model, snap)
+    assert recorded["diverged"] and len(recorded["trace"]) < 3
+    for entry in recorded["leagues"].values():  # a diverged epoch is never admissible
+        assert entry["epoch"] is None or entry["epoch"] <= len(recorded["trace"])
+
+
+def test_memit_needs_a_subject(tiny, data_dir, tmp_path):
+    pronouns = CanonicalTask(TASKS["pronoun_gender_bias"], SPLIT, (PairExample("The nurse said", " he", " she"),),
+                             (PairExample("The nurse came in. Then", " he", " she"),),
+                             (SuffixExample("She is a nurse and", " she"),), (TextExample("The nurse said she"),))
+    with pytest.raises(InputError, match="memit needs a subject to locate; task pronoun_gender_bias has none"):
+        _runner(tiny, tmp_path).run(pronouns, "memit", cr.make_settings("memit", tiny.model, "tiny-llama", MEMIT_FAST))
+    for task in ("temporal", "stereoset", "verb_conjugation"):
+        with pytest.raises(InputError, match=f"task {task} has none"):
+            cr.check_method("memit", task)
+    # as in some val records, a canonical example split before its subject: the split moves before the answer
+    path = data_dir / "country_capital" / f"country_capital_fixed-{SPLIT}.jsonl"
+    records = [json.loads(l) for l in path.read_text().splitlines()]
+    records[1].update(prefix="The capital of", suffix=" Albania is Tirana")
+    records[3].update(prefix="The capital of andorra is")
+    _write(path, records)
+    requests, notes = cr.memit_requests(cr.load_split("country_capital", data_dir, SPLIT))
+    assert (requests[1].prompt, requests[1].subject, requests[1].target_new) == \
+        ("The capital of Albania is", "Albania", " Tirana")
+    assert requests[3].subject == "andorra" and notes == {"requests": 4, "split_moved": [2], "subject_case": [4]}
+    # a country_capital record without its subject field: named with file and line
+    del records[2]["country"]
+    _write(path, records)
+    with pytest.raises(InputError, match=r"line 3: record lacks field 'country'"):
+        cr.memit_requests(cr.load_split("country_capital", data_dir, SPLIT))
+
+
+def test_bad_settings(tiny):
+    with pytest.raises(InputError, match="unknown setting 'rnak'"):
+        cr.make_settings("lora", tiny.model, "tiny-llama", {"rnak": "4"})
+    with pytest.raises(InputError, match="unknown method"):
+        cr.make_settings("rome", tiny.model, "tiny-llama")
+    assert cr.overrides_for("lora", {"lora:rank": "4", "ft:lr": "1", "identity_cov": "true"}, strict=False) == \
+        {"rank": "4"}
+    with pytest.raises(InputError, match="unknown setting 'nope'"):
+        cr.check_overrides(["ft", "memit"], {"nope": "1"})
+
+
+# ---------------------------------------------------------------- the search
+
+def test_search_stores_trials_and_computes_the_unedited_point_once(tiny, data_dir, tmp_path, monkeypatch):
+    import optuna
+
+    calls = []
+    real = degradation.evaluate_point
+    monkeypatch.setattr(degradation, "evaluate_point", lambda *a, **k: calls.append(1) or real(*a, **k))
+    select = cr.load_split("country_capital", data_dir, f"{SPLIT}:a")
+    report = cr.load_split("country_capital", data_dir, f"{SPLIT}:b")
+    runner = _runner(tiny, tmp_path)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = se.SearchSpace(max_epochs=2, ft_lr=(1e-3, 1e-1))
+    fixed = {"batch_size": "2"}
+    study = se.search(runner, select, "ft", 0.5, n_trials=3, storage=storage, seed=0, fixed=fixed, space=space)
+
+    stored = optuna.load_study(study_name=study.study_name, storage=storage)
+    trials = [t for t in stored.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 3 and stored.user_attrs["split"] == "tiny:a"
+    assert {"lr", "epochs", "modules"} == set(trials[0].params)
+    assert all(t.user_attrs["league"]["score"] == t.value for t in trials)
+    fresh = [t for t in trials if not t.user_attrs["reused"]]
+    # one unedited evaluation for all trials, then one evaluation per epoch trained
+    assert len(calls) == 1 + sum(t.user_attrs["epochs_run"] for t in fresh)
+
+    n = len(calls)
+    again = se.search(runner, select, "ft", 0.5, n_trials=3, storage=storage, fixed=fixed, space=space)
+    assert len(again.trials) == 3 and len(calls) == n  # resumed: the study is complete, nothing reruns
+
+    result = se.run_selected(runner, study, report, "ft", 0.5, fixed=fixed)
+    assert result["split"] == "tiny:b" and result["selection"]["selected_on"] == "tiny:a"
+    assert result["selection"]["params"] == study.best_params
+    assert len(result["trace"]) == study.best_params["epochs"]
+    assert len(calls) == n + 1 + len(result["trace"])  # the report split's own unedited point, once
+
+
+# ---------------------------------------------------------------- CLI
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["lmedit", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    return exc.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *phrases: str) -> None:
+    assert code == 2, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for phrase in phrases:
+        assert phrase in err, err
+
+
+@pytest.mark.parametrize("args,phrases", [
+    (["--task", "capitals"], ["unknown canonical task 'capitals'", "country_capital"]),
+    (["--league", "0"], ["league must be a positive number", "'0'"]),
+    (["--league", "-1"], ["league must be a positive number", "'-1'"]),
+    (["--league", "abc"], ["league must be a positive number", "'abc'"]),
+    (["--league", "1e-5,"], ["league must be a positive number"]),
+    (["--split", "nope"], ["country_capital train file not found", "fixed-nope.jsonl", "splits present: tiny"]),
+    (["--method", "memit", "--task", "stereoset"], ["memit needs a subject to locate; task stereoset has none"]),
+    (["--method", "rome"], ["unknown method 'rome'"]),
+    (["--split", "tiny:c"], ["NAME:a or NAME:b"]),
+    (["--trials", "2", "--select-split", "tiny"], ["select and report on different data"]),
+    (["--trials", "2", "--storage", "nosuchdb://x"], ["cannot open the Optuna storage 'nosuchdb://x'"]),
+    (["--general-text", "/no/such/owt.jsonl"], ["general-text file not found", "owt.jsonl"]),
+])
+def test_cli_bad_input(data_dir, tmp_path, monkeypatch, capsys, args, phrases):
+    base = {"--task": "country_capital", "--data-dir": str(data_dir), "--split": SPLIT, "--method": "ft",
+            "--general-text": str(GENERAL), "--out": str(tmp_path / "out.json")}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    code, err = run_cli(monkeypatch, capsys, "eval", "canonical", *[x for kv in base.items() for x in kv])
+    assert_one_line_error(code, err, *phrases)
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_cli_missing_data_dir_and_field(data_dir, tmp_path, monkeypatch, capsys):
+    code, err = run_cli(monkeypatch, capsys, "eval", "canonical", "--task", "country_capital", "--method", "ft",
+                        "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.json"))
+    assert_one_line_error(code, err, "canonical data directory not found", "nowhere")
+    path = data_dir / "country_capital" / f"country_capital_clear_eval-{SPLIT}.jsonl"
+    records = [json.loads(l) for l in path.read_text().splitlines()]
+    del records[4]["suffix"]
+    _write(path, records)
+    code, err = run_cli(monkeypatch, capsys, "eval", "canonical", "--task", "country_capital", "--method", "ft",
+                        "--data-dir", str(data_dir), "--split", SPLIT, "--out", str(tmp_path / "o.json"))
+    assert_one_line_error(code, err, "line 5", "lacks field 'suffix'")
+
+
+def test_cli_search_table_markdown_and_png(tiny, data_dir, tmp_path, tmp_cache, monkeypatch, capsys):
+    model_dir = tmp_path / "tiny-llama"
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    common = ["eval", "canonical", "--task", "country_capital", "--data-dir", str(data_dir), "--model", str(model_dir),
+              "--general-text", str(GENERAL), "--n-docs", "3", "--max-tokens", "40"]
+    out = tmp_path / "table.json"
+    monkeypatch.setattr(sys, "argv", ["lmedit", *common, "--split", SPLIT, "--method", "ft,memit", "--trials", "2",
+                                      "--epochs", "2", "--league", "0.5,10", "--set", "batch_size=2",
+                                      *[x for k, v in MEMIT_FAST.items() for x in ("--set", f"memit:{k}={v}")],
+                                      "--out", str(out)])
+    cli.main()
+    table = json.loads(out.read_text())
+    assert (table["select_split"], table["report_split"]) == ("tiny:a", "tiny:b")
+    cell = table["tasks"]["country_capital"]["methods"]["ft"]["leagues"]["0.5"]
+    assert {"score", "epoch", "general_change", "targeted_change", "hard_negative_change", "params"} <= set(cell)
+    assert set(table["tasks"]["country_capital"]["methods"]["memit"]["leagues"]) == {"0.5", "10"}
+    md = out.with_suffix(".md").read_text()
+    assert "| unedited success rate |" in md and "## League ε = 10" in md and "| memit |" in md
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_cache / "canonical" / "optuna.db").is_file()  # the default storage
+
+    capsys.readouterr()  # what saving the model and the run printed
+    code, err = run_cli(monkeypatch, capsys, *common, "--split", SPLIT, "--method", "ft", "--out", str(out))
+    assert_one_line_error(code, err, "already exists", "--force")
+    single = tmp_path / "single.json"
+    monkeypatch.setattr(sys, "argv", ["lmedit", *common, "--split", f"{SPLIT}:b", "--method", "lora", "--epochs", "2",
+                                      "--league", "1e-5", "--out", str(single)])
+    cli.main()
+    result = json.loads(single.read_text())
+    assert result["method"] == "lora" and len(result["trace"]) == 2 and list(result["leagues"]) == ["1e-05"]
