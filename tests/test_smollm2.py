@@ -57,7 +57,7 @@ def test_rome_edits_and_reverts(smol):
 
     patch = rome.fn(model, tok, [request], config, progress=False, announce=lambda *_: None)
     assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters()), "the editor changed the model"
-    name = f"{mlp_out_name(model, 4)}.weight"
+    name = f"{mlp_out_name(model, config.layers[0])}.weight"
     assert list(patch.deltas) == [name] and patch.deltas[name].rank == 1
     assert patch.meta["v_star"]["target_prob"][0] > 0.5
 
