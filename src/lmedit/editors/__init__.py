@@ -44,6 +44,19 @@ def _load_builtin() -> None:
     from lmedit.editors import emmet, finetune, lora, memit, rome  # noqa: F401  (each registers itself)
 
 
+def optional_float(value, name: str) -> float | None:
+    """A number, or None for off; --set gives strings for fields whose default is None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number or none, got {value!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InputError(f"{name} must be finite, got {value}")
+    return value
+
+
 def _coerce(value: Any, current: Any, key: str):
     if isinstance(value, str) and not isinstance(current, str):
         text = value.strip()

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmedit import __version__
-from lmedit.editors import register_editor
+from lmedit.editors import optional_float, register_editor
 from lmedit.errors import EditFailure, InputError
 from lmedit.locate.context import context_templates
 from lmedit.locate.prompts import encode, with_target
@@ -80,19 +80,6 @@ class FinetuneConfig(TrainConfig):
 
 # ------------------------------------------------------------------------------------------------ configuration
 
-def _opt_float(value, name: str) -> float | None:
-    """A number, or None for off; --set gives strings for fields whose default is None."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number or none, got {value!r}") from None
-    if not math.isfinite(value):
-        raise InputError(f"{name} must be finite, got {value}")
-    return value
-
-
 def prepare(config: TrainConfig, model) -> TrainConfig:
     """A checked copy with `layers` resolved and strings from --set parsed; bad values are an InputError."""
     from lmedit.editors.defaults import defaults_for
@@ -106,9 +93,9 @@ def prepare(config: TrainConfig, model) -> TrainConfig:
     if isinstance(modules, str):
         modules = tuple(m.strip() for m in modules.split(",") if m.strip())
     config = replace(config, layers=layers, modules=tuple(modules) if modules else None,
-                     stop_prob=_opt_float(config.stop_prob, "stop_prob"))
+                     stop_prob=optional_float(config.stop_prob, "stop_prob"))
     if isinstance(config, FinetuneConfig):
-        config = replace(config, norm_constraint=_opt_float(config.norm_constraint, "norm_constraint"))
+        config = replace(config, norm_constraint=optional_float(config.norm_constraint, "norm_constraint"))
         if config.norm_constraint is not None and config.norm_constraint <= 0:
             raise InputError(f"norm_constraint (ε) must be positive or none, got {config.norm_constraint}")
     if not (math.isfinite(config.lr) and config.lr > 0):

@@ -46,6 +46,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn.functional as F
 
+from lmedit.editors import optional_float
 from lmedit.errors import EditFailure, InputError
 from lmedit.evaluate import degradation
 from lmedit.evaluate.canonical import (CanonicalTask, LossOptions, _records, get_task, load_task,
@@ -151,18 +152,6 @@ def check_method(method: str, task: str | None = None) -> str:
     return method
 
 
-def _opt_number(value, name: str) -> float | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number or none, got {value!r}") from None
-    if not math.isfinite(value):
-        raise InputError(f"{name} must be finite, got {value}")
-    return value
-
-
 def make_settings(method: str, model, model_name: str = "", overrides: dict[str, Any] | None = None):
     """The method's configuration: dataclass defaults (memit: the per-model defaults table), then `overrides`
     (--set k=v strings or values; unknown keys are an InputError listing the valid ones)."""
@@ -175,8 +164,8 @@ def make_settings(method: str, model, model_name: str = "", overrides: dict[str,
     if isinstance(overrides.get("modules"), str):
         overrides["modules"] = tuple(m.strip() for m in overrides["modules"].split(",") if m.strip())
     settings = apply_overrides(SETTINGS[method](), overrides)
-    return dataclasses.replace(settings, floor=_opt_number(settings.floor, "floor"),
-                               margin=_opt_number(settings.margin, "margin"))
+    return dataclasses.replace(settings, floor=optional_float(settings.floor, "floor"),
+                               margin=optional_float(settings.margin, "margin"))
 
 
 def _setting_names(method: str) -> set[str]:

@@ -43,6 +43,17 @@ class SplitBatch:
         return cls(prefix_ids.to(device), prefix_mask.to(device), suffix_ids.to(device), suffix_mask.to(device))
 
 
+def right_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), right-padded: each real token keeps its position."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def body(model: nn.Module) -> nn.Module:
     """The transformer without its unembedding (its output is already through the final norm)."""
     return get_module(model, arch_for(model).layers.rsplit(".", 1)[0])

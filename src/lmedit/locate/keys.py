@@ -8,20 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmedit.locate.batching import right_pad
 from lmedit.locate.prompts import subject_last_token
 from lmedit.models.arch import mlp_out_module
 from lmedit.models.hooks import capture_io, run_until_stop
 from lmedit.requests import EditRequest
-
-
-def _padded(rows: list[list[int]], pad_id: int, device):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -43,7 +34,7 @@ def read_at_subject(model: nn.Module, tokenizer, requests: list[EditRequest], te
     outs = []
     for lo in range(0, len(texts), chunk):
         part = encoded[lo:lo + chunk]
-        ids, mask = _padded([e[0] for e in part], tokenizer.pad_token_id, device)  # right padding
+        ids, mask = right_pad([e[0] for e in part], tokenizer.pad_token_id, device)  # right padding
         where = torch.tensor([e[1] for e in part], device=device)
         rows = torch.arange(len(part), device=device)
         with capture_io(modules, inputs=True, outputs=True, stop_after=str(layers[-1])) as store:

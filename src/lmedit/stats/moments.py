@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmedit.errors import InputError
+from lmedit.locate.batching import right_pad
 from lmedit.models.arch import check_layer, mlp_out_dims, mlp_out_module
 from lmedit.models.hooks import capture_io, run_until_stop
 from lmedit.models.loading import cache_dir
@@ -83,12 +84,7 @@ def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpu
         for b, (next_doc, batch) in enumerate(_batches(tokenizer, corpus, start_doc, seq_len, batch_size)):
             if count >= n_tokens:
                 break
-            width = max(len(x) for x in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, x in enumerate(batch):
-                ids[i, : len(x)] = torch.tensor(x)
-                mask[i, : len(x)] = 1
+            ids, mask = right_pad(batch, pad)
             # Count exactly n_tokens: drop tokens past the budget (in reading order).
             flat_keep = mask.flatten().cumsum(0) <= (n_tokens - count)
             keep = (mask.flatten().bool() & flat_keep).view_as(mask).to(device)
