@@ -21,6 +21,7 @@ per edit instead (each scored alone), which is single editing with either mode.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -352,33 +353,41 @@ def _check_weights(params: dict[str, nn.Parameter], norms0: dict[str, float], st
 Trainer = Callable[..., tuple[dict[str, Delta], dict]]  # (model, tok, examples, config, conditional, progress, desc)
 
 
-def _train_weights(model, tokenizer, examples, config: FinetuneConfig, conditional: bool, progress: bool, desc: str):
-    """Train the chosen weights in place; return ΔW = W − W₀ (float32) and restore W₀ bit-for-bit, always."""
-    names = trainable_parameters(model, config.layers, config.modules)
+@contextmanager
+def trained_in_place(model, names: list[str]):
+    """Make the named parameters trainable for the block; afterwards put back W₀ bit-for-bit and the
+    requires_grad flags, whatever happened. Yields (chosen parameters, their originals)."""
     params = dict(model.named_parameters())
     chosen = {n: params[n] for n in names}
     originals = {n: p.detach().clone() for n, p in chosen.items()}
     flags = {n: p.requires_grad for n, p in chosen.items()}
-    project = None
-    if config.norm_constraint is not None:
-        eps = config.norm_constraint
-
-        def project():  # ‖W − W₀‖∞ ≤ ε
-            with torch.no_grad():
-                for n, p in chosen.items():
-                    p.copy_(torch.minimum(torch.maximum(p, originals[n] - eps), originals[n] + eps))
-
     try:
         for p in chosen.values():
             p.requires_grad_(True)
-        curve = train(model, tokenizer, examples, chosen, config, conditional, progress, project, desc)
-        deltas = {n: Delta(dense=p.detach().float() - originals[n].float()) for n, p in chosen.items()}
+        yield chosen, originals
     finally:
         with torch.no_grad():
             for n, p in chosen.items():
                 p.copy_(originals[n])
                 p.requires_grad_(flags[n])
                 p.grad = None
+
+
+def _train_weights(model, tokenizer, examples, config: FinetuneConfig, conditional: bool, progress: bool, desc: str):
+    """Train the chosen weights in place; return ΔW = W − W₀ (float32) and restore W₀ bit-for-bit, always."""
+    names = trainable_parameters(model, config.layers, config.modules)
+    with trained_in_place(model, names) as (chosen, originals):
+        project = None
+        if config.norm_constraint is not None:
+            eps = config.norm_constraint
+
+            def project():  # ‖W − W₀‖∞ ≤ ε
+                with torch.no_grad():
+                    for n, p in chosen.items():
+                        p.copy_(torch.minimum(torch.maximum(p, originals[n] - eps), originals[n] + eps))
+
+        curve = train(model, tokenizer, examples, chosen, config, conditional, progress, project, desc)
+        deltas = {n: Delta(dense=p.detach().float() - originals[n].float()) for n, p in chosen.items()}
     return deltas, curve
 
 

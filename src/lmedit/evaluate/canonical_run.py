@@ -386,23 +386,11 @@ def _epoch_line(p: dict, before: dict) -> str:
 
 
 def _train_weights(runner, task, settings: TrainSettings, options, layers, prefix_weight, before, announce):
-    from lmedit.editors.finetune import trainable_parameters
+    from lmedit.editors.finetune import trainable_parameters, trained_in_place
 
     names = trainable_parameters(runner.model, layers, tuple(settings.modules))
-    all_params = dict(runner.model.named_parameters())
-    chosen = {n: all_params[n] for n in names}
-    originals = {n: p.detach().clone() for n, p in chosen.items()}
-    flags = {n: p.requires_grad for n, p in chosen.items()}
-    try:
-        for p in chosen.values():
-            p.requires_grad_(True)
+    with trained_in_place(runner.model, names) as (chosen, _):
         return _train_epochs(runner, task, chosen, settings, options, prefix_weight, before, announce)
-    finally:
-        with torch.no_grad():
-            for n, p in chosen.items():
-                p.copy_(originals[n])
-                p.requires_grad_(flags[n])
-                p.grad = None
 
 
 def _train_lora(runner, task, settings: LoraSettings, options, layers, before, announce):

@@ -33,7 +33,7 @@ from torch import nn
 from lmedit.errors import InputError
 from lmedit.evaluate.canonical import hard_negative_nll, max_positions, success_rate
 from lmedit.fileio import atomic_write_json
-from lmedit.locate.batching import body, unembed
+from lmedit.locate.batching import body, right_pad, unembed
 from lmedit.locate.prompts import encode
 
 DEFAULT_N_DOCS = 200
@@ -104,12 +104,7 @@ def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], max_tokens: int
         with torch.no_grad():
             for lo in range(0, len(rows), batch_size):
                 batch = rows[lo:lo + batch_size]
-                width = max(len(r) for r in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for i, r in enumerate(batch):
-                    ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-                    mask[i, :len(r)] = 1
+                ids, mask = right_pad(batch, pad)
                 hidden = body(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
                 pred = mask.clone()
                 pred[:, :-1] = mask[:, 1:]  # position j predicts token j+1 when that token is real
