@@ -41,6 +41,15 @@ def _dw(factors):
     return left @ right
 
 
+def test_softened_equality_is_least_squares(krc):
+    """Push-through identity: Kᵀ(λC + KKᵀ)⁻¹ = (KᵀC⁻¹K + λI)⁻¹KᵀC⁻¹, so EMMET(λ', μ) ≡ MEMIT(λ = μλ')."""
+    K, R, C = krc
+    memit = _dw(least_squares(K, R, C, 500.0))
+    emmet = _dw(equality_constrained(K, R, C, lam=5000.0, mu=0.1))
+    torch.testing.assert_close(emmet, memit, atol=1e-10, rtol=1e-8)
+    assert (_dw(equality_constrained(K, R, C, lam=5000.0, mu=0.01)) - memit).abs().max() > 1e-6
+
+
 def test_equality_constrained_meets_the_constraint(krc):
     K, R, C = krc
     dW = _dw(equality_constrained(K, R, C, lam=1.0, mu=0.0))

@@ -3,6 +3,9 @@
 Notation (columns are requests): K (d_in × n) keys, R (d_out × n) residuals R = V* − W K, C (d_in × d_in) the
 uncentred second moment of keys over general text, scaled by λ. Both return ΔW as a low-rank product
 ΔW = R · A with A (n × d_in), so patches store it as two thin factors.
+
+The two are one family: by the push-through identity Kᵀ(λC + KKᵀ)⁻¹ = (KᵀC⁻¹K + λI)⁻¹KᵀC⁻¹, the softened
+equality solver with (λ', μ) IS least squares with λ = μλ'. EMMET differs from MEMIT only as μλ' → 0.
 """
 
 from __future__ import annotations
