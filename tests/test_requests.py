@@ -200,3 +200,20 @@ def test_wrong_explicit_format(tmp_path):
 def test_undetectable_format(tmp_path):
     path = write_json(tmp_path / "x.json", [{"question": "?", "answer": "!"}])
     raises([f"cannot tell the format of {path}: expected one of"], load_requests, path)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from lmedit.fileio import AtomicDirectory, atomic_write_json
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "r.json", {"a": 1})
+        with AtomicDirectory(tmp_path / "d") as d:
+            (d / "x").write_text("x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
