@@ -18,7 +18,7 @@ from lmedit.errors import InputError, LmeditError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Edit facts in language models with small, reversible, measured weight changes.")
 eval_app = typer.Typer(no_args_is_help=True, help="Edit then score on a benchmark.")
-stats_app = typer.Typer(no_args_is_help=True, help="Key statistics C = E[k kᵀ]: an explicit, cached artifact.")
+stats_app = typer.Typer(no_args_is_help=True, help="Key statistics C = E(k kᵀ): an explicit, cached artifact.")
 app.add_typer(eval_app, name="eval")
 app.add_typer(stats_app, name="stats")
 console = Console()
@@ -218,7 +218,7 @@ def stats_compute(model: str = ModelOpt,
                   layers: str = typer.Option(..., help="comma-separated layers, e.g. 2,3,4"),
                   corpus: str = typer.Option("wiki", help="'wiki' (offline default), a text/JSONL file, or hf:NAME"),
                   tokens: int = typer.Option(100_000, help="number of tokens to average over")) -> None:
-    """Compute and cache C = E[k kᵀ] at the input of the MLP output projections (one pass for all layers).
+    """Compute and cache C = E(k kᵀ) at the input of the MLP output projections (one pass for all layers).
 
     Example: lmedit stats compute --layers 2,3,4,5,6 --tokens 100000
     """
