@@ -232,3 +232,15 @@ def test_fingerprint_ignores_edited_matrices_only(llama, tiny_model):
     with torch.no_grad():
         other.model.model.layers[0].mlp.up_proj.weight.mul_(2.0)
     assert model_fingerprint(other.model) != fp
+
+
+def test_upper_block_gram_equals_the_full_product():
+    from lmedit.stats.moments import add_gram_upper
+
+    g = torch.Generator().manual_seed(0)
+    for d in (7, 64, 130):
+        k = torch.randn(50, d, generator=g)
+        acc = torch.zeros(d, d, dtype=torch.float64)
+        add_gram_upper(acc, k)
+        torch.testing.assert_close(acc, (k.double().T @ k.double()), atol=1e-4, rtol=1e-5)
+        assert torch.equal(acc, acc.T)

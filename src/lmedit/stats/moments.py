@@ -45,6 +45,20 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def add_gram_upper(acc: torch.Tensor, k: torch.Tensor, blocks: int = 4) -> None:
+    """acc += kᵀk, computing only the blocks on and above the diagonal (kᵀk is symmetric) and mirroring
+    the rest: 10 of 16 block products, so the statistics pass costs little more than the forward itself."""
+    d = k.shape[1]
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    for i in range(blocks):
+        a = k[:, edges[i]:edges[i + 1]]
+        for j in range(i, blocks):
+            block = (a.T @ k[:, edges[j]:edges[j + 1]]).double()
+            acc[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] += block
+            if j != i:
+                acc[edges[j]:edges[j + 1], edges[i]:edges[i + 1]] += block.T
+
+
 def stats_path(model: nn.Module, layer: int, corpus_id: str, n_tokens: int) -> Path:
     return cache_dir() / "stats" / model_fingerprint(model) / corpus_id / f"layer{layer}_n{n_tokens}.safetensors"
 
@@ -92,7 +106,7 @@ def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpu
                 run_until_stop(lambda: model(input_ids=ids.to(device), attention_mask=mask.to(device)))
             for l in layers:
                 k = store[str(l)]["input"][keep]  # (tokens, d_in)
-                sums[l] += (k.T @ k).double()
+                add_gram_upper(sums[l], k)
             added = int(keep.sum())
             count += added
             bar.update(added)
