@@ -162,7 +162,10 @@ def main() -> None:
         cfg = make_config(method, lm.name, lm.model)
         load_or_compute(lm.model, lm.tokenizer, list(cfg.layers), cfg.stats_corpus, cfg.stats_tokens)
     result = {"model": lm.name, "torch_threads": torch.get_num_threads()}
-    skip = set(args.skip.split(","))
+    skip = set(args.skip.split(",")) - {""}
+    if skip and (OUT / "locate.json").is_file():  # re-measuring some parts: keep the others' numbers
+        # (each ratio is measured within one part, in one run)
+        result = {**json.loads((OUT / "locate.json").read_text()), **result}
     parts = [("scoring", lambda: bench_scoring(lm, args.scoring_n)),
              ("stats", lambda: bench_stats(lm, args.stats_tokens)),
              ("values", lambda: bench_batched_values(lm, requests, args.values_n, args.reference_n)),

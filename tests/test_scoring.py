@@ -103,7 +103,8 @@ def test_repeated_pairs_are_scored_once_with_the_right_values(model, tokenizer):
         got = continuation_logprobs(model, tokenizer, pairs, batch_size=64)
     finally:
         handle.remove()
-    assert sum(rows_seen) == 2  # two distinct pairs
+    # one pass over the distinct prompts' prefixes, one over the two distinct pairs' continuations
+    assert rows_seen[-1] == 2 and sum(rows_seen) <= 4
     ref_a, ref_b = direct(model, tokenizer, *a)[0], direct(model, tokenizer, *b)[0]
     for pair, row in zip(pairs, got):
         assert row == pytest.approx(ref_a if pair == a else ref_b, abs=1e-5)
@@ -230,3 +231,18 @@ def test_greedy_continuations_are_padding_invariant(model, tokenizer):
     together = greedy_continuations(model, tokenizer, prompts, max_new_tokens=5)
     alone = [greedy_continuations(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
     assert together == alone
+
+
+def test_targets_of_one_prompt_share_its_forward(model, tokenizer):
+    """Two targets of one prompt: the prompt runs once (prefix pass of 1 row), each target on its cache."""
+    rows_seen = []
+    handle = body(model).register_forward_hook(lambda mod, args, kwargs, out: rows_seen.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    pairs = [("The capital of France is", "Paris"), ("The capital of France is", "Rome")]
+    try:
+        got = continuation_logprobs(model, tokenizer, pairs)
+    finally:
+        handle.remove()
+    assert rows_seen == [1, 2]
+    for pair, row in zip(pairs, got):
+        assert row == pytest.approx(direct(model, tokenizer, *pair)[0], abs=1e-5)

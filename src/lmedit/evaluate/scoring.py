@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from lmedit.errors import InputError
-from lmedit.locate.batching import body, unembed
+from lmedit.locate.batching import SplitBatch, body, unembed
 from lmedit.locate.prompts import encode, with_target
 
 Pair = tuple[str, str]
@@ -55,10 +56,11 @@ def score_pairs(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int 
                 raise InputError(f"prompt {prompt!r} tokenizes to nothing: there is no position to predict from")
             prompt_ids[prompt] = ids
         rows.append(with_target(prompt_ids[prompt], tokenizer, prompt, target))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[PairScore | None] = [None] * len(rows)
+    # Rows of one prompt sit together, so a batch runs each prompt once (its KV cache shared by its targets).
+    order = sorted(range(len(rows)), key=lambda i: (len(unique[i][0]), unique[i][0], len(rows[i].ids)))
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(rows), desc="scoring", unit="pair", disable=not progress, leave=False)
@@ -66,30 +68,10 @@ def score_pairs(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int 
         with torch.no_grad():
             for lo in range(0, len(order), batch_size):
                 chunk = order[lo:lo + batch_size]
-                width = max(len(rows[i].ids) for i in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                row_index, pos_index, tgt = [], [], []
-                for r, i in enumerate(chunk):
-                    s = rows[i]
-                    ids[r, : len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
-                    mask[r, : len(s.ids)] = 1
-                    row_index += [r] * len(s.target_ids)
-                    pos_index += s.target_positions
-                    tgt += s.target_ids
-                hidden = body(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-                rsel = torch.tensor(row_index, device=device)
-                psel = torch.tensor(pos_index, device=device)
-                logits = unembed(model, hidden[rsel, psel]).float()
-                logp = torch.log_softmax(logits, dim=-1)
-                tgt_t = torch.tensor(tgt, device=device)
-                tok_logp = logp.gather(1, tgt_t[:, None])[:, 0].cpu().tolist()
-                top1 = logits.argmax(dim=-1).cpu().tolist()
-                k = 0
-                for i in chunk:
-                    n = len(rows[i].target_ids)
-                    results[i] = PairScore(tuple(rows[i].target_ids), tuple(tok_logp[k:k + n]), tuple(top1[k:k + n]))
-                    k += n
+                logp_rows, top1_rows = _score_chunk(model, [rows[i] for i in chunk],
+                                                    [unique[i][0] for i in chunk], pad_id, device)
+                for i, lp, t1 in zip(chunk, logp_rows, top1_rows):
+                    results[i] = PairScore(tuple(rows[i].target_ids), tuple(lp), tuple(t1))
                 bar.update(len(chunk))
     finally:
         bar.close()
@@ -121,3 +103,43 @@ def top1_match(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int =
     """Per pair, whether the argmax at each target position is the target token (zsRE token accuracy)."""
     return [[a == t for a, t in zip(s.top1, s.target_ids)]
             for s in score_pairs(model, tokenizer, pairs, batch_size, progress)]
+
+
+def _score_chunk(model: nn.Module, chunk: list, prompts: list[str], pad_id: int, device):
+    """Per-token log-probs and argmaxes of the targets of `chunk` (Scored rows).
+
+    Each distinct prompt (all but its last token) runs once, left-padded, into a KV cache; every row then runs
+    only [last prompt token] + target[:-1], right-padded, on its prompt's cache. Position ids follow the real
+    tokens, so the numbers equal a plain forward of prompt + target.
+    """
+    distinct = list(dict.fromkeys(prompts))
+    which = torch.tensor([distinct.index(p) for p in prompts], device=device)
+    heads = {}
+    for s, p in zip(chunk, prompts):
+        heads.setdefault(p, s.ids[: s.first_target_pos])  # the prompt without its last token
+    prefix = SplitBatch.build([heads[p] for p in distinct], [len(heads[p]) for p in distinct], pad_id, device)
+    suffix = SplitBatch.build([s.ids[s.first_target_pos:] for s in chunk], [0] * len(chunk), pad_id, device)
+    kv = None
+    if prefix.prefix_ids.shape[1] > 0:
+        out = body(model)(input_ids=prefix.prefix_ids, attention_mask=prefix.prefix_mask,
+                          position_ids=(prefix.prefix_mask.cumsum(1) - 1).clamp(min=0),
+                          past_key_values=DynamicCache(), use_cache=True)
+        kv = DynamicCache(ddp_cache_data=[(layer.keys[which], layer.values[which]) for layer in out.past_key_values.layers])
+    prefix_mask = prefix.prefix_mask[which]
+    positions = prefix_mask.sum(1, keepdim=True) + torch.arange(suffix.suffix_ids.shape[1], device=device)
+    hidden = body(model)(input_ids=suffix.suffix_ids, attention_mask=torch.cat([prefix_mask, suffix.suffix_mask], 1),
+                         position_ids=positions, past_key_values=kv, use_cache=kv is not None).last_hidden_state
+    row_index = [r for r, s in enumerate(chunk) for _ in s.target_ids]
+    pos_index = [j for s in chunk for j in range(len(s.target_ids))]
+    logits = unembed(model, hidden[torch.tensor(row_index, device=device), torch.tensor(pos_index, device=device)])
+    logits = logits.float()
+    targets = torch.tensor([t for s in chunk for t in s.target_ids], device=device)
+    tok_logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].cpu().tolist()
+    top1 = logits.argmax(dim=-1).cpu().tolist()
+    out_lp, out_top, k = [], [], 0
+    for s in chunk:
+        n = len(s.target_ids)
+        out_lp.append(tok_logp[k:k + n])
+        out_top.append(top1[k:k + n])
+        k += n
+    return out_lp, out_top
