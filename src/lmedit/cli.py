@@ -99,7 +99,7 @@ def demo(model: str = ModelOpt,
 def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: JSONL, CounterFact, ROME or zsRE JSON"),
          out: Path = typer.Option(..., "--out", "-o", help="output patch directory"),
          model: str = ModelOpt,
-         method: str = typer.Option("memit", help="rome | memit | emmet"),
+         method: str = typer.Option("memit", help="rome | memit | emmet | ft | ft-conditional | lora"),
          limit: Optional[int] = typer.Option(None, help="only the first N requests"),
          sets: Optional[list[str]] = SetOpt,
          force: bool = ForceOpt) -> None:
@@ -181,7 +181,7 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
 
 DataOpt = typer.Option(..., "--data", help="data file")
 OutOpt = typer.Option(..., "--out", "-o", help="result JSON file")
-MethodOpt = typer.Option("memit", help="rome | memit | emmet")
+MethodOpt = typer.Option("memit", help="rome | memit | emmet | ft | ft-conditional | lora")
 LimitOpt = typer.Option(None, help="only the first N records")
 BatchOpt = typer.Option(None, "--batch-size", help="edits per batch (default: all at once; 1 = each edit alone); "
                         "a list such as 1,10,100 runs a scaling sweep, one result file per size")
