@@ -163,3 +163,11 @@ def test_eval_limit_beyond_the_data(tmp_path, monkeypatch, capsys):
     code, err = run_cli(monkeypatch, capsys, "eval", "zsre", "--data", str(data), "--limit", "501",
                         "--out", str(tmp_path / "o.json"))
     assert_one_line_error(code, err, "--limit 501 exceeds the 500 records")
+
+
+def test_help_lists_every_registered_method():
+    from lmedit.editors import editor_names
+
+    source = Path(cli.__file__).read_text()
+    for name in editor_names():
+        assert name in source.split('MethodOpt = typer.Option("memit", help="')[1].split('")')[0]
