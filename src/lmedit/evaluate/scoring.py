@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from lmedit.errors import InputError
-from lmedit.locate.batching import SplitBatch, body, unembed
+from lmedit.locate.batching import SplitBatch, body, right_pad, unembed
 from lmedit.locate.prompts import encode, with_target
 
 Pair = tuple[str, str]
@@ -113,6 +113,10 @@ def _score_chunk(model: nn.Module, chunk: list, prompts: list[str], pad_id: int,
     tokens, so the numbers equal a plain forward of prompt + target.
     """
     distinct = list(dict.fromkeys(prompts))
+    if len(distinct) == len(chunk):  # nothing shared: one plain right-padded pass is cheaper
+        ids, mask = right_pad([s.ids for s in chunk], pad_id, device)
+        hidden = body(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+        return _gather(model, chunk, hidden, [s.first_target_pos for s in chunk], device)
     which = torch.tensor([distinct.index(p) for p in prompts], device=device)
     heads = {}
     for s, p in zip(chunk, prompts):
@@ -129,8 +133,13 @@ def _score_chunk(model: nn.Module, chunk: list, prompts: list[str], pad_id: int,
     positions = prefix_mask.sum(1, keepdim=True) + torch.arange(suffix.suffix_ids.shape[1], device=device)
     hidden = body(model)(input_ids=suffix.suffix_ids, attention_mask=torch.cat([prefix_mask, suffix.suffix_mask], 1),
                          position_ids=positions, past_key_values=kv, use_cache=kv is not None).last_hidden_state
+    return _gather(model, chunk, hidden, [0] * len(chunk), device)
+
+
+def _gather(model: nn.Module, chunk: list, hidden: torch.Tensor, first: list[int], device):
+    """Log-probs and argmaxes at the target positions; row r's first target is predicted at column first[r]."""
     row_index = [r for r, s in enumerate(chunk) for _ in s.target_ids]
-    pos_index = [j for s in chunk for j in range(len(s.target_ids))]
+    pos_index = [f + j for f, s in zip(first, chunk) for j in range(len(s.target_ids))]
     logits = unembed(model, hidden[torch.tensor(row_index, device=device), torch.tensor(pos_index, device=device)])
     logits = logits.float()
     targets = torch.tensor([t for s in chunk for t in s.target_ids], device=device)
