@@ -238,3 +238,20 @@ def test_from_matrix_norms_and_summary():
     assert patch.norms()["a.weight"] == pytest.approx(patch.norms()["b.weight"], rel=1e-5)
     lines = patch.summary().splitlines()
     assert len(lines) == 2 and "lowrank" in lines[0] and "40x30" in lines[0] and "rank=2" in lines[0]
+
+
+def test_saved_patch_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    import torch
+
+    from lmedit.patches import Delta, Patch
+
+    mask = os.umask(0o022)
+    try:
+        Patch({"w": Delta(dense=torch.zeros(2, 2))}, {"method": "test"}).save(tmp_path / "p")
+    finally:
+        os.umask(mask)
+    for name in ("patch.json", "patch.safetensors"):
+        assert stat.S_IMODE((tmp_path / "p" / name).stat().st_mode) == 0o644

@@ -23,7 +23,7 @@ from torch import nn
 
 from lmedit import __version__
 from lmedit.errors import InputError, LmeditError
-from lmedit.fileio import AtomicDirectory, atomic_write_json, read_json
+from lmedit.fileio import AtomicDirectory, atomic_write_json, current_umask, read_json
 
 FORMAT = "lmedit-patch/1"
 TENSORS_FILE = "patch.safetensors"
@@ -256,6 +256,7 @@ class Patch:
             raise LmeditError(f"patch meta is not JSON-serialisable: {e}") from None
         with AtomicDirectory(path, force=force) as tmp:
             save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
+            os.chmod(tmp / TENSORS_FILE, 0o666 & ~current_umask())  # safetensors writes 0600
             atomic_write_json(tmp / META_FILE, doc)
         return Path(path)
 
