@@ -82,6 +82,7 @@ def bench_batched_values(lm, requests, n, reference_n):
 def bench_stats(lm, n_tokens):
     """Statistics pass vs a plain forward over the same tokens, stopped after the same layer."""
     from lmedit.editors import make_config
+    from lmedit.locate.batching import right_pad
     from lmedit.models.arch import mlp_out_module
     from lmedit.models.hooks import capture_io, run_until_stop
     from lmedit.stats.corpora import wiki_corpus
@@ -100,12 +101,7 @@ def bench_stats(lm, n_tokens):
             for _, batch in _batches(lm.tokenizer, corpus, 0, 256, 16):
                 if seen >= n_tokens:
                     break
-                width = max(len(x) for x in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, x in enumerate(batch):
-                    ids[i, : len(x)] = torch.tensor(x)
-                    mask[i, : len(x)] = 1
+                ids, mask = right_pad(batch, pad)
                 with capture_io(stop, inputs=False, stop_after=str(layers[-1])):
                     run_until_stop(lambda: lm.model(input_ids=ids, attention_mask=mask))
                 seen += int(mask.sum())

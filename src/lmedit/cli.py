@@ -229,11 +229,11 @@ def stats_compute(model: str = ModelOpt,
     lm = _load(model)
     wanted = _parse_layers(layers)
     load_or_compute(lm.model, lm.tokenizer, wanted, corpus, tokens, announce=console.print)
-    from lmedit.stats.corpora import get_corpus
+    from lmedit.stats.corpora import corpus_id
 
-    corpus_id = "wiki-leads-en" if corpus == "wiki" else get_corpus(corpus).id
+    cid = corpus_id(corpus)
     for l in wanted:
-        console.print(f"layer {l}: {stats_path(lm.model, l, corpus_id, tokens)}")
+        console.print(f"layer {l}: {stats_path(lm.model, l, cid, tokens)}")
 
 
 @stats_app.command("inspect")
@@ -249,15 +249,15 @@ def stats_inspect(model: str = ModelOpt,
     from safetensors import safe_open
 
     from lmedit.models.arch import check_layer
-    from lmedit.stats.corpora import get_corpus
+    from lmedit.stats.corpora import corpus_id
     from lmedit.stats.moments import stats_path
 
     lm = _load(model)
     check_layer(lm.model, layer)
-    corpus_id = "wiki-leads-en" if corpus == "wiki" else get_corpus(corpus).id
-    path = stats_path(lm.model, layer, corpus_id, tokens)
+    cid = corpus_id(corpus)
+    path = stats_path(lm.model, layer, cid, tokens)
     if not path.is_file():
-        raise InputError(f"no statistics for layer {layer} ({corpus_id}, n={tokens}); run `lmedit stats compute`")
+        raise InputError(f"no statistics for layer {layer} ({cid}, n={tokens}); run `lmedit stats compute`")
     with safe_open(str(path), "pt") as f:
         C, meta = f.get_tensor("C"), f.metadata()
     eig = torch.linalg.eigvalsh(C)

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lmedit.errors import InputError
 
@@ -85,18 +85,22 @@ def read_json(path: str | os.PathLike) -> Any:
         raise InputError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file (blank lines skipped); a bad line is an InputError naming its number."""
+def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[int, Any]]:
+    """(line number, record) of a JSONL file, read lazily; blank lines skipped, a bad line is an InputError
+    naming its number. `what` names the file in the not-found message (e.g. "text file")."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"file not found: {path}")
-    records = []
+        raise InputError(f"{what} not found: {path}")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}: malformed JSON on line {lineno}: {e.msg}") from None
-    return records
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file (blank lines skipped); a bad line is an InputError naming its number."""
+    return [record for _, record in iter_jsonl(path)]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lmedit.errors import InputError
-from lmedit.fileio import atomic_write_bytes, read_json, read_jsonl
+from lmedit.fileio import atomic_write_bytes, iter_jsonl, read_json
 
 FORMATS = ("counterfact", "rome", "zsre", "jsonl", "auto")
 
@@ -233,10 +233,8 @@ def _read_records(path: Path) -> tuple[list, list[str]]:
     if path.is_file() and not path.read_text(encoding="utf-8").strip():
         raise InputError(f"{path} is empty: expected edit requests")
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        records = read_jsonl(path)
-        with path.open(encoding="utf-8") as f:
-            lines = [n for n, line in enumerate(f, start=1) if line.strip()]
-        return records, [f"{path} line {n}" for n in lines]
+        numbered = list(iter_jsonl(path))
+        return [rec for _, rec in numbered], [f"{path} line {n}" for n, _ in numbered]
     data = read_json(path)
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of records, got a {type(data).__name__} "

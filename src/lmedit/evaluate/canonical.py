@@ -32,7 +32,6 @@ degradation stays within (1 + ε) (see `leagues`).
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from lmedit.errors import InputError
+from lmedit.fileio import iter_jsonl
 from lmedit.locate.batching import body, unembed
 from lmedit.locate.prompts import encode, encode_continuation
 
@@ -166,17 +166,10 @@ class CanonicalTask:
 
 def _records(path: Path) -> Iterable[tuple[int, dict]]:
     """(line number, record) of a JSONL file; blank lines skipped, a bad line is an InputError naming it."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}: malformed JSON on line {lineno}: {e.msg}") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}, line {lineno}: expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}, line {lineno}: expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
 
 
 def _fields(rec: dict, keys: tuple[str, ...], path: Path, lineno: int, task: str, role: str) -> list[str]:

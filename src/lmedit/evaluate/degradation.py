@@ -32,7 +32,7 @@ from torch import nn
 
 from lmedit.errors import InputError
 from lmedit.evaluate.canonical import hard_negative_nll, max_positions, success_rate
-from lmedit.fileio import atomic_write_json
+from lmedit.fileio import atomic_write_json, iter_jsonl
 from lmedit.locate.batching import body, right_pad, unembed
 from lmedit.locate.prompts import encode
 
@@ -48,24 +48,15 @@ def load_texts(path: str | Path, n_docs: int | None = None) -> list[str]:
     if n_docs is not None and (isinstance(n_docs, bool) or not isinstance(n_docs, int) or n_docs < 1):
         raise InputError(f"n_docs must be a positive integer, got {n_docs!r}")
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"text file not found: {path}")
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if n_docs is not None and len(texts) >= n_docs:
-                break
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}: malformed JSON on line {lineno}: {e.msg}") from None
-            if not isinstance(rec, dict) or "text" not in rec:
-                raise InputError(f"{path}, line {lineno}: record lacks field 'text'")
-            if not isinstance(rec["text"], str) or not rec["text"]:
-                raise InputError(f"{path}, line {lineno}: field 'text' must be a non-empty string")
-            texts.append(rec["text"])
+    for lineno, rec in iter_jsonl(path, what="text file"):
+        if n_docs is not None and len(texts) >= n_docs:
+            break
+        if not isinstance(rec, dict) or "text" not in rec:
+            raise InputError(f"{path}, line {lineno}: record lacks field 'text'")
+        if not isinstance(rec["text"], str) or not rec["text"]:
+            raise InputError(f"{path}, line {lineno}: field 'text' must be a non-empty string")
+        texts.append(rec["text"])
     if not texts:
         raise InputError(f"{path} holds no texts")
     return texts

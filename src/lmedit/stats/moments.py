@@ -134,13 +134,10 @@ def load_or_compute(model: nn.Module, tokenizer, layers: list[int], corpus_spec:
                     n_tokens: int = 100_000, compute: bool = True, progress: bool = True,
                     announce=print) -> dict[int, torch.Tensor]:
     """C for each layer from the cache; missing layers are computed (announced, never silently) in one pass."""
-    from lmedit.stats.corpora import get_corpus
+    from lmedit.stats.corpora import WIKI_ID, get_corpus
 
-    corpus_id = "wiki-leads-en" if corpus_spec == "wiki" else None
-    corpus = None
-    if corpus_id is None:
-        corpus = get_corpus(corpus_spec)
-        corpus_id = corpus.id
+    corpus = None if corpus_spec == "wiki" else get_corpus(corpus_spec)  # read a file corpus once
+    corpus_id = WIKI_ID if corpus is None else corpus.id
     out, missing = {}, []
     for l in sorted(set(layers)):
         path = stats_path(model, l, corpus_id, n_tokens)
