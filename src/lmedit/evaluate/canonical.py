@@ -43,7 +43,7 @@ from torch import nn
 
 from lmedit.errors import InputError
 from lmedit.fileio import iter_jsonl
-from lmedit.locate.batching import body, unembed
+from lmedit.locate.batching import body, inference, unembed
 from lmedit.locate.prompts import encode, encode_continuation
 
 Kind = Literal["raise", "lower", "balance", "prefer"]
@@ -320,17 +320,12 @@ def score_suffixes(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     out = [0.0] * len(encoded)
     pad = _pad_id(tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for lo in range(0, len(order), batch_size):
-                chunk = order[lo:lo + batch_size]
-                sums, _ = _forward(model, [encoded[i] for i in chunk], pad)
-                for i, v in zip(chunk, sums.cpu().tolist()):
-                    out[i] = v
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo:lo + batch_size]
+            sums, _ = _forward(model, [encoded[i] for i in chunk], pad)
+            for i, v in zip(chunk, sums.cpu().tolist()):
+                out[i] = v
     by_pair = dict(zip(unique, out))
     return [by_pair[p] for p in pairs]
 

@@ -33,7 +33,7 @@ from torch import nn
 from lmedit.errors import InputError
 from lmedit.evaluate.canonical import hard_negative_nll, max_positions, success_rate
 from lmedit.fileio import atomic_write_json, iter_jsonl
-from lmedit.locate.batching import body, right_pad, unembed
+from lmedit.locate.batching import body, inference, right_pad, unembed
 from lmedit.locate.prompts import encode
 
 DEFAULT_N_DOCS = 200
@@ -89,26 +89,21 @@ def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], max_tokens: int
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for lo in range(0, len(rows), batch_size):
-                batch = rows[lo:lo + batch_size]
-                ids, mask = right_pad(batch, pad)
-                hidden = body(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-                pred = mask.clone()
-                pred[:, :-1] = mask[:, 1:]  # position j predicts token j+1 when that token is real
-                pred[:, -1] = 0
-                sel = pred.bool().to(device)
-                h = hidden[sel]
-                targets = ids.to(device)[:, 1:][sel[:, :-1]]
-                for c in range(0, h.shape[0], chunk):
-                    logits = unembed(model, h[c:c + chunk]).float()
-                    total += F.cross_entropy(logits, targets[c:c + chunk], reduction="sum").item()
-                count += int(sel.sum().item())
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for lo in range(0, len(rows), batch_size):
+            batch = rows[lo:lo + batch_size]
+            ids, mask = right_pad(batch, pad)
+            hidden = body(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            pred = mask.clone()
+            pred[:, :-1] = mask[:, 1:]  # position j predicts token j+1 when that token is real
+            pred[:, -1] = 0
+            sel = pred.bool().to(device)
+            h = hidden[sel]
+            targets = ids.to(device)[:, 1:][sel[:, :-1]]
+            for c in range(0, h.shape[0], chunk):
+                logits = unembed(model, h[c:c + chunk]).float()
+                total += F.cross_entropy(logits, targets[c:c + chunk], reduction="sum").item()
+            count += int(sel.sum().item())
     return total, count
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from lmedit.errors import InputError
-from lmedit.locate.batching import SplitBatch, body, right_pad, unembed
+from lmedit.locate.batching import SplitBatch, body, inference, right_pad, unembed
 from lmedit.locate.prompts import encode, with_target
 
 Pair = tuple[str, str]
@@ -61,21 +61,15 @@ def score_pairs(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int 
     results: list[PairScore | None] = [None] * len(rows)
     # Rows of one prompt sit together, so a batch runs each prompt once (its KV cache shared by its targets).
     order = sorted(range(len(rows)), key=lambda i: (len(unique[i][0]), unique[i][0], len(rows[i].ids)))
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(rows), desc="scoring", unit="pair", disable=not progress, leave=False)
-    try:
-        with torch.no_grad():
-            for lo in range(0, len(order), batch_size):
-                chunk = order[lo:lo + batch_size]
-                logp_rows, top1_rows = _score_chunk(model, [rows[i] for i in chunk],
-                                                    [unique[i][0] for i in chunk], pad_id, device)
-                for i, lp, t1 in zip(chunk, logp_rows, top1_rows):
-                    results[i] = PairScore(tuple(rows[i].target_ids), tuple(lp), tuple(t1))
-                bar.update(len(chunk))
-    finally:
-        bar.close()
-        model.train(was_training)
+    with inference(model), tqdm(total=len(rows), desc="scoring", unit="pair", disable=not progress,
+                                leave=False) as bar:
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo:lo + batch_size]
+            logp_rows, top1_rows = _score_chunk(model, [rows[i] for i in chunk],
+                                                [unique[i][0] for i in chunk], pad_id, device)
+            for i, lp, t1 in zip(chunk, logp_rows, top1_rows):
+                results[i] = PairScore(tuple(rows[i].target_ids), tuple(lp), tuple(t1))
+            bar.update(len(chunk))
     by_pair = dict(zip(unique, results))
     return [by_pair[p] for p in pairs]
 

@@ -8,6 +8,7 @@ point sits at the same column; position ids follow the real tokens, so results e
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,18 @@ class SplitBatch:
             suffix_ids[i, : len(rest)] = torch.tensor(rest)
             suffix_mask[i, : len(rest)] = 1
         return cls(prefix_ids.to(device), prefix_mask.to(device), suffix_ids.to(device), suffix_mask.to(device))
+
+
+@contextmanager
+def inference(model: nn.Module):
+    """Eval mode (no dropout) and no gradients for the block; the model's own mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def right_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
