@@ -386,3 +386,60 @@ def test_config_validate_rejects_bad_numbers(tiny, tokenizer):
         config = dataclasses.replace(memit.config_cls(identity_cov=True), **bad)
         with pytest.raises(InputError):
             memit.fn(tiny.model, tokenizer, REQUESTS[:1], config, progress=False)
+
+
+# --------------------------------------------------------------------------------------------- v* reuse
+
+
+def test_value_store_reuses_only_on_the_same_model_state(tiny, tokenizer, tmp_path):
+    from lmedit.locate.value_store import ValueStore
+
+    model, tok = tiny.model, tokenizer
+    templates = context_templates(model, tok, CONTEXT["n_context"], CONTEXT["context_length"], CONTEXT["seed"])
+    store = ValueStore(model, tmp_path / "values")
+    first = store.values(model, tok, REQUESTS[:2], 2, templates, VALUE, progress=False)
+    assert (store.hits, store.misses) == (0, 2)
+    both = store.values(model, tok, REQUESTS, 2, templates, VALUE, progress=False)
+    assert (store.hits, store.misses) == (2, 3)  # the first two reused, only the third optimised
+    assert torch.equal(both.delta[:2], first.delta) and torch.equal(both.v0[:2], first.v0)
+    alone = compute_values(model, tok, REQUESTS[2:], 2, templates, VALUE, progress=False)
+    assert torch.equal(both.delta[2:], alone.delta) and both.steps[2] == alone.steps[0]
+    # other settings are another key
+    other = store.values(model, tok, REQUESTS[:1], 2, templates, dataclasses.replace(VALUE, steps=3), progress=False)
+    assert store.misses == 4 and not torch.equal(other.delta[0], first.delta[0])
+
+    # a new store on the same model finds the entries on disk, bit for bit
+    again = ValueStore(model, tmp_path / "values")
+    assert torch.equal(again.values(model, tok, REQUESTS, 2, templates, VALUE, progress=False).delta, both.delta)
+    assert (again.hits, again.misses) == (3, 0)
+
+    # once an MLP output projection changes, the store is bypassed: v* is computed on the model as it is now
+    W = mlp_out_module(model, 0)
+    with torch.no_grad():
+        W.weight.add_(0.05)
+    try:
+        edited = again.values(model, tok, REQUESTS[:1], 2, templates, VALUE, progress=False)
+        assert (again.hits, again.misses) == (3, 0)
+        assert not torch.equal(edited.v0[0], first.v0[0])
+    finally:
+        with torch.no_grad():
+            W.weight.sub_(0.05)
+
+
+def test_rome_reuses_values_only_for_its_first_edit(tiny, tokenizer, tmp_path):
+    """ROME's second request is edited on top of the first: its v* must not come from the unedited model."""
+    from lmedit.locate.value_store import ValueStore, reusing_values
+
+    model, tok = tiny.model, tokenizer
+    rome = get_editor("rome")
+    config = rome.config_cls(layers=(1,), identity_cov=True, value=VALUE, **CONTEXT)
+    store = ValueStore(model, None)
+    with reusing_values(store):
+        patch = rome.fn(model, tok, REQUESTS[:2], config, progress=False)
+        assert (store.hits, store.misses) == (0, 1)
+        again = rome.fn(model, tok, REQUESTS[:1], config, progress=False)
+        assert (store.hits, store.misses) == (1, 1)
+    plain = rome.fn(model, tok, REQUESTS[:1], config, progress=False)
+    name = next(iter(plain.deltas))
+    assert torch.equal(again.deltas[name].full(), plain.deltas[name].full())
+    assert not torch.equal(patch.deltas[name].full(), plain.deltas[name].full())

@@ -54,6 +54,29 @@ def test_one_batch_equals_editing_all_at_once(tiny_model):
     assert _logps(whole) == _logps(explicit)
 
 
+def test_sweep_reuses_values_and_baseline(tiny_model):
+    """A batch-size sweep optimises each v* once and scores the unedited model once, with unchanged results."""
+    from lmedit.locate.value_store import ValueStore
+
+    lm = _editable(tiny_model("llama"))
+    store, baseline = ValueStore(lm.model), {}
+    quiet = dict(overrides=FAST, progress=False, announce=lambda *_: None)
+    first = run_edit_eval(lm, "memit", REQUESTS, batch_size=3, value_store=store, baseline=baseline, **quiet)
+    assert first["timing"]["values_reused"] == 0 and len(baseline["records"]) == 3
+    second = run_edit_eval(lm, "memit", REQUESTS, batch_size=1, value_store=store, baseline=baseline, **quiet)
+    assert second["timing"]["values_reused"] == 3 and (store.hits, store.misses) == (3, 3)
+    assert second["baseline"] == first["baseline"]
+    fresh = run_edit_eval(lm, "memit", REQUESTS, batch_size=1, **quiet)
+    assert fresh["timing"]["values_reused"] == 0
+    assert fresh["baseline"] == first["baseline"]
+    # batch-of-one v* computed alone vs taken from the batch of three: equal up to float32 rounding
+    for a, b in zip(_logps(fresh), _logps(second)):
+        assert abs(a - b) < 1e-2
+    # sequential runs edit on top of earlier edits: only the first batch may reuse
+    seq = run_edit_eval(lm, "memit", REQUESTS, batch_size=1, sequential=True, value_store=store, **quiet)
+    assert seq["timing"]["values_reused"] == 1
+
+
 def test_report_tables_and_plots(tiny_model, tmp_path):
     import json
 

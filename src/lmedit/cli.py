@@ -137,7 +137,7 @@ def _batch_sizes(text: Optional[str]) -> list[Optional[int]]:
 
 def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: Optional[int],
               batch_size: Optional[str], sequential: bool, sets: Optional[list[str]], force: bool,
-              resume: bool, fluency: bool = False) -> None:
+              resume: bool, fluency: bool = False, reuse_values: bool = True) -> None:
     from lmedit.editors import get_editor
     from lmedit.evaluate.run import run_edit_eval
     from lmedit.fileio import atomic_write_json, check_writable
@@ -157,6 +157,11 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
         if b is not None and b > len(reqs):
             raise InputError(f"--batch-size {b} exceeds the {len(reqs)} records")
     lm = _load(model)
+    from lmedit.locate.value_store import ValueStore
+    from lmedit.models.loading import cache_dir
+
+    store = ValueStore(lm.model, cache_dir() / "values") if reuse_values else None
+    baseline: dict = {}
     for b, o, j in zip(sizes, outs, journals):
         scoring = {}
         if fluency:
@@ -170,13 +175,14 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
 
             scoring = dict(scorer=zsre.ZsreScorer(), aggregator=zsre.aggregate)
         result = run_edit_eval(lm, method, reqs, b, sequential, _parse_sets(sets), task=task,
-                               announce=console.print, journal=j, resume=resume, **scoring)
+                               announce=console.print, journal=j, resume=resume, value_store=store,
+                               baseline=baseline, **scoring)
         atomic_write_json(o, result)
         j.unlink(missing_ok=True)
         console.print(_metrics_table(result))
         t = result["timing"]
         console.print(f"edit {t['edit_seconds']:.1f}s ({t['seconds_per_edit']:.2f}s/edit), eval {t['eval_seconds']:.1f}s,"
-                      f" peak RSS {t['peak_rss_mb']:.0f} MB → {o}")
+                      f" peak RSS {t['peak_rss_mb']:.0f} MB, v* reused {t['values_reused']} → {o}")
 
 
 DataOpt = typer.Option(..., "--data", help="data file")
@@ -187,6 +193,9 @@ BatchOpt = typer.Option(None, "--batch-size", help="edits per batch (default: al
                         "a list such as 1,10,100 runs a scaling sweep, one result file per size")
 ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted run from its journal")
 SeqOpt = typer.Option(False, help="each batch on top of the previous ones, all scored at the end")
+ReuseOpt = typer.Option(True, "--reuse-values/--no-reuse-values",
+                        help="reuse v* already computed for the same request, layer and settings on this model "
+                        "(cached under the lmedit cache); the edits themselves are recomputed")
 
 
 @eval_app.command("counterfact")
@@ -194,23 +203,27 @@ def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = Mode
                      limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
                      sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt,
                      fluency: bool = typer.Option(False, "--fluency", help="also score the n-gram entropy of greedy "
-                                                  "continuations of each prompt")) -> None:
+                                                  "continuations of each prompt"),
+                     reuse_values: bool = ReuseOpt) -> None:
     """Edit CounterFact records; score efficacy, generalisation, specificity, edit score (probability comparison).
 
     Example: lmedit eval counterfact --method rome --data counterfact-edit.json --limit 100 --batch-size 1 --out rome.json
     """
-    _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force, resume, fluency)
+    _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force, resume, fluency,
+              reuse_values)
 
 
 @eval_app.command("zsre")
 def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
               limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
-              sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt) -> None:
+              sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt,
+              reuse_values: bool = ReuseOpt) -> None:
     """Edit zsRE records (MEND format); score token-level top-1 accuracy and locality.
 
     Example: lmedit eval zsre --method memit --data zsre-500.json --out memit-zsre.json
     """
-    _run_eval("zsre", data, out, model, method, limit, batch_size, sequential, sets, force, resume)
+    _run_eval("zsre", data, out, model, method, limit, batch_size, sequential, sets, force, resume,
+              reuse_values=reuse_values)
 
 
 @stats_app.command("compute")

@@ -3,7 +3,9 @@
 - batch: the records are split into consecutive batches of B; each batch is edited on the original model,
   scored with its patch applied, and reverted (B = 1 is the classic single-edit setting);
 - sequential: each batch is edited on top of the previous ones; every record is scored after all edits.
-The unedited model's numbers are always computed on the same records and reported beside.
+The unedited model's numbers are always computed on the same records and reported beside (a sweep over
+batch sizes computes them once and passes them on), and a ValueStore lets every run on the same model reuse
+v* (see locate/value_store.py).
 
 Runs stream their progress to a JSONL journal (a header naming the run, the baseline, then one line per
 batch; sequential runs also keep each batch's patch beside it). `resume=True` picks up where an interrupted
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 from lmedit.editors import get_editor, make_config
 from lmedit.errors import InputError
 from lmedit.evaluate.counterfact import aggregate, score_counterfact
+from lmedit.locate.value_store import ValueStore, reusing_values
 from lmedit.models.loading import LoadedModel
 from lmedit.patches import Patch
 from lmedit.requests import EditRequest
@@ -85,8 +88,12 @@ def _signature(lm: LoadedModel, method: str, config, requests, batch_size: int, 
 def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], batch_size: int | None = None,
                   sequential: bool = False, overrides: dict | None = None, task: str = "counterfact",
                   scorer: Scorer = score_counterfact, aggregator=aggregate, score_batch_size: int = 64,
-                  progress: bool = True, announce=print, journal: Path | None = None, resume: bool = False) -> dict:
-    """Edit `requests` with `method` and score them; returns the DESIGN §8 result dict (+ per-record list)."""
+                  progress: bool = True, announce=print, journal: Path | None = None, resume: bool = False,
+                  value_store: ValueStore | None = None, baseline: dict | None = None) -> dict:
+    """Edit `requests` with `method` and score them; returns the DESIGN §8 result dict (+ per-record list).
+
+    `baseline`: a dict shared by runs on the same model, requests and scorer. An empty one is filled with the
+    unedited scores; a filled one is used instead of scoring the unedited model again."""
     if not requests:
         raise InputError("no records to evaluate")
     batch_size = batch_size or len(requests)
@@ -98,6 +105,9 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
     log = Journal(journal, _signature(lm, method, config, requests, batch_size, sequential, task), resume)
 
     base_line = next((l for l in log.lines if "baseline_records" in l), None)
+    if base_line is None and baseline and not hasattr(scorer, "reference"):
+        base_line = {"baseline_records": baseline["records"], "seconds": baseline["seconds"], "reused": True}
+        log.write(base_line)
     if base_line is None:
         t0 = time.perf_counter()
         records = scorer(model, tok, requests, batch_size=score_batch_size, progress=progress)
@@ -106,11 +116,14 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
     elif hasattr(scorer, "reference"):  # a stateful scorer (zsRE locality) needs the unedited predictions again
         scorer(model, tok, requests, batch_size=score_batch_size)
     baseline_records = base_line["baseline_records"]
+    if baseline is not None and not baseline:
+        baseline.update(records=baseline_records, seconds=base_line["seconds"])
 
     edit_seconds, eval_seconds = 0.0, 0.0
     records: list[dict] = []
     applied = []
     batches = _batches(requests, batch_size)
+    reused_before = value_store.hits if value_store is not None else 0
     try:
         for i, batch in enumerate(tqdm(batches, desc=f"{method} {'sequential' if sequential else 'batches'} of "
                                        f"{batch_size}", disable=not progress or len(batches) == 1)):
@@ -124,7 +137,8 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
                     records += line["records"]
                 continue
             t0 = time.perf_counter()
-            patch = editor.fn(model, tok, batch, config, progress=progress, announce=announce)
+            with reusing_values(value_store):
+                patch = editor.fn(model, tok, batch, config, progress=progress, announce=announce)
             spent = time.perf_counter() - t0 - patch.meta.get("timing", {}).get("stats_seconds", 0.0)
             edit_seconds += spent
             handle = patch.apply(model)
@@ -168,6 +182,7 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
         "baseline": {k: v for k, v in baseline.items() if k != "protocol"},
         "timing": {"edit_seconds": edit_seconds, "seconds_per_edit": edit_seconds / len(requests),
                    "eval_seconds": eval_seconds, "baseline_eval_seconds": base_line["seconds"],
-                   "peak_rss_mb": peak_rss_mb()},
+                   "peak_rss_mb": peak_rss_mb(),
+                   "values_reused": (value_store.hits - reused_before) if value_store is not None else 0},
         "records": records,
     }

@@ -1,6 +1,6 @@
 """Locate-then-edit: one core for ROME, MEMIT and EMMET (the methods differ only in configuration).
 
-1. v* at the last edit layer L (batched over requests, values.py).
+1. v* at the last edit layer L (batched over requests, values.py; reused when a ValueStore is active).
 2. For each edit layer l in order: keys K at l and the current output z at L (with the earlier layers'
    updates in place), residual share R = (Z* − Z) / (layers left), ΔW_l from the solver, applied.
 3. Everything applied is reverted before returning: the model leaves as it came; the result is a Patch.
@@ -19,7 +19,8 @@ from lmedit.errors import InputError
 from lmedit.locate.context import context_templates
 from lmedit.locate.keys import read_at_subject
 from lmedit.locate.solvers import equality_constrained, least_squares
-from lmedit.locate.values import ValueConfig, compute_values
+from lmedit.locate.value_store import find_values
+from lmedit.locate.values import ValueConfig
 from lmedit.models.arch import arch_for, check_layer, mlp_out_name
 from lmedit.patches import Delta, Patch, fingerprint
 from lmedit.requests import EditRequest
@@ -78,7 +79,7 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
     t0 = time.perf_counter()
     templates = context_templates(model, tokenizer, config.n_context, config.context_length, config.seed)
     L = layers[-1]
-    values = compute_values(model, tokenizer, requests, L, templates, config.value, progress=progress and len(requests) > 1)
+    values = find_values(model, tokenizer, requests, L, templates, config.value, progress=progress and len(requests) > 1)
     timing["values_seconds"] = time.perf_counter() - t0
     z_star = values.v_star.float()  # (n, d_out)
 
