@@ -44,8 +44,9 @@ def model_state(model) -> str:
 class ValueStore:
     """v* per request for one model state, in memory and (when `root` is given) on disk."""
 
-    def __init__(self, model, root: Path | None = None):
+    def __init__(self, model, root: Path | None = None, block: int = 128):
         self.state = model_state(model)
+        self.block = block  # requests optimised (and saved) together; as fast as larger blocks (values.py chunks)
         self.root = None if root is None else Path(root) / self.state[:24]
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
         self.hits = 0
@@ -86,10 +87,11 @@ class ValueStore:
         missing = [i for i, k in enumerate(keys) if k not in found]
         self.hits += len(requests) - len(missing)
         self.misses += len(missing)
-        if missing:
-            fresh = compute_values(model, tokenizer, [requests[i] for i in missing], layer, templates, config,
-                                   progress=progress and len(missing) > 1)
-            for j, i in enumerate(missing):
+        for lo in range(0, len(missing), self.block):  # saved block by block: an interrupted run keeps its work
+            part = missing[lo:lo + self.block]
+            fresh = compute_values(model, tokenizer, [requests[i] for i in part], layer, templates, config,
+                                   progress=progress and len(part) > 1)
+            for j, i in enumerate(part):
                 entry = {"v0": fresh.v0[j], "delta": fresh.delta[j], "target_prob": fresh.target_prob[j],
                          "steps": fresh.steps[j]}
                 self.put(keys[i], entry)
