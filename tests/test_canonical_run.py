@@ -16,6 +16,7 @@ import torch
 
 from lmedit import cli
 from lmedit.errors import EditFailure, InputError
+from lmedit.evaluate import canonical_config as cc
 from lmedit.evaluate import canonical_run as cr
 from lmedit.evaluate import degradation
 from lmedit.evaluate import search as se
@@ -82,26 +83,26 @@ def _assert_unchanged(model, snap: dict) -> None:
 # ---------------------------------------------------------------- splits
 
 def test_halves_are_contiguous_and_cover_the_file(data_dir):
-    whole = cr.load_split("country_capital", data_dir, SPLIT)
-    a = cr.load_split("country_capital", data_dir, f"{SPLIT}:a")
-    b = cr.load_split("country_capital", data_dir, f"{SPLIT}:b")
+    whole = cc.load_split("country_capital", data_dir, SPLIT)
+    a = cc.load_split("country_capital", data_dir, f"{SPLIT}:a")
+    b = cc.load_split("country_capital", data_dir, f"{SPLIT}:b")
     assert (a.split, b.split) == ("tiny:a", "tiny:b")
     for role in ("train", "eval", "hard_neg", "unconditional"):
         assert getattr(a, role) + getattr(b, role) == getattr(whole, role)
     assert [e.prefix for e in a.train] == ["The capital of Afghanistan is", "The capital of Albania is"]
     assert {e.suffix for e in a.eval} == {" Kabul", " Tirana"}  # the same two countries in every role
-    assert cr.task_digest(a) != cr.task_digest(b)
+    assert cc.task_digest(a) != cc.task_digest(b)
     for bad in ("tiny:c", ":a", ""):
         with pytest.raises(InputError):
-            cr.load_split("country_capital", data_dir, bad)
+            cc.load_split("country_capital", data_dir, bad)
 
 
 # ---------------------------------------------------------------- the protocol
 
 def test_trace_league_logic_and_bit_exact_restore(tiny, data_dir, tmp_path):
-    task = cr.load_split("country_capital", data_dir, SPLIT)
+    task = cc.load_split("country_capital", data_dir, SPLIT)
     runner = _runner(tiny, tmp_path)
-    settings = cr.make_settings("ft-conditional", tiny.model, "tiny-llama",
+    settings = cc.make_settings("ft-conditional", tiny.model, "tiny-llama",
                                 {"lr": "3e-2", "epochs": "8", "modules": "all", "batch_size": "1"})
     snap = _snapshot(tiny.model)
     result = runner.run(task, "ft-conditional", settings)
@@ -139,10 +140,10 @@ def test_trace_league_logic_and_bit_exact_restore(tiny, data_dir, tmp_path):
     ("memit", MEMIT_FAST),
 ])
 def test_each_method_runs_and_restores(tiny, data_dir, tmp_path, method, overrides):
-    task = cr.load_split("country_capital", data_dir, f"{SPLIT}:a")
+    task = cc.load_split("country_capital", data_dir, f"{SPLIT}:a")
     runner = _runner(tiny, tmp_path)
     snap = _snapshot(tiny.model)
-    result = runner.run(task, method, cr.make_settings(method, tiny.model, "tiny-llama", overrides))
+    result = runner.run(task, method, cc.make_settings(method, tiny.model, "tiny-llama", overrides))
     _assert_unchanged(tiny.model, snap)
     assert len(result["trace"]) == (1 if method == "memit" else 2)
     assert set(result["leagues"]) == {"0.001", "0.5", "0.7", "10"}
@@ -151,9 +152,9 @@ def test_each_method_runs_and_restores(tiny, data_dir, tmp_path, method, overrid
 
 
 def test_divergence_is_an_edit_failure_and_leaves_the_model(tiny, data_dir, tmp_path):
-    task = cr.load_split("country_capital", data_dir, SPLIT)
+    task = cc.load_split("country_capital", data_dir, SPLIT)
     runner = _runner(tiny, tmp_path)
-    settings = cr.make_settings("ft-conditional", tiny.model, "tiny-llama",
+    settings = cc.make_settings("ft-conditional", tiny.model, "tiny-llama",
                                 {"lr": "1e6", "epochs": "3", "modules": "all", "batch_size": "1"})
     snap = _snapshot(tiny.model)
     with pytest.raises(EditFailure, match="lower lr; the model is unchanged"):
@@ -171,17 +172,17 @@ def test_memit_needs_a_subject(tiny, data_dir, tmp_path):
                              (PairExample("The nurse came in. Then", " he", " she"),),
                              (SuffixExample("She is a nurse and", " she"),), (TextExample("The nurse said she"),))
     with pytest.raises(InputError, match="memit needs a subject to locate; task pronoun_gender_bias has none"):
-        _runner(tiny, tmp_path).run(pronouns, "memit", cr.make_settings("memit", tiny.model, "tiny-llama", MEMIT_FAST))
+        _runner(tiny, tmp_path).run(pronouns, "memit", cc.make_settings("memit", tiny.model, "tiny-llama", MEMIT_FAST))
     for task in ("temporal", "stereoset", "verb_conjugation"):
         with pytest.raises(InputError, match=f"task {task} has none"):
-            cr.check_method("memit", task)
+            cc.check_method("memit", task)
     # as in some val records, a canonical example split before its subject: the split moves before the answer
     path = data_dir / "country_capital" / f"country_capital_fixed-{SPLIT}.jsonl"
     records = [json.loads(l) for l in path.read_text().splitlines()]
     records[1].update(prefix="The capital of", suffix=" Albania is Tirana")
     records[3].update(prefix="The capital of andorra is")
     _write(path, records)
-    requests, notes = cr.memit_requests(cr.load_split("country_capital", data_dir, SPLIT))
+    requests, notes = cr.memit_requests(cc.load_split("country_capital", data_dir, SPLIT))
     assert (requests[1].prompt, requests[1].subject, requests[1].target_new) == \
         ("The capital of Albania is", "Albania", " Tirana")
     assert requests[3].subject == "andorra" and notes == {"requests": 4, "split_moved": [2], "subject_case": [4]}
@@ -189,18 +190,18 @@ def test_memit_needs_a_subject(tiny, data_dir, tmp_path):
     del records[2]["country"]
     _write(path, records)
     with pytest.raises(InputError, match=r"line 3: record lacks field 'country'"):
-        cr.memit_requests(cr.load_split("country_capital", data_dir, SPLIT))
+        cr.memit_requests(cc.load_split("country_capital", data_dir, SPLIT))
 
 
 def test_bad_settings(tiny):
     with pytest.raises(InputError, match="unknown setting 'rnak'"):
-        cr.make_settings("lora", tiny.model, "tiny-llama", {"rnak": "4"})
+        cc.make_settings("lora", tiny.model, "tiny-llama", {"rnak": "4"})
     with pytest.raises(InputError, match="unknown method"):
-        cr.make_settings("rome", tiny.model, "tiny-llama")
-    assert cr.overrides_for("lora", {"lora:rank": "4", "ft:lr": "1", "identity_cov": "true"}, strict=False) == \
+        cc.make_settings("rome", tiny.model, "tiny-llama")
+    assert cc.overrides_for("lora", {"lora:rank": "4", "ft:lr": "1", "identity_cov": "true"}, strict=False) == \
         {"rank": "4"}
     with pytest.raises(InputError, match="unknown setting 'nope'"):
-        cr.check_overrides(["ft", "memit"], {"nope": "1"})
+        cc.check_overrides(["ft", "memit"], {"nope": "1"})
 
 
 # ---------------------------------------------------------------- the search
@@ -211,8 +212,8 @@ def test_search_stores_trials_and_computes_the_unedited_point_once(tiny, data_di
     calls = []
     real = degradation.evaluate_point
     monkeypatch.setattr(degradation, "evaluate_point", lambda *a, **k: calls.append(1) or real(*a, **k))
-    select = cr.load_split("country_capital", data_dir, f"{SPLIT}:a")
-    report = cr.load_split("country_capital", data_dir, f"{SPLIT}:b")
+    select = cc.load_split("country_capital", data_dir, f"{SPLIT}:a")
+    report = cc.load_split("country_capital", data_dir, f"{SPLIT}:b")
     runner = _runner(tiny, tmp_path)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = se.SearchSpace(max_epochs=2, ft_lr=(1e-3, 1e-1))

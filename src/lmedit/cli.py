@@ -144,6 +144,8 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
     from lmedit.requests import load_requests
 
     sizes = _batch_sizes(batch_size)
+    if None not in sizes:
+        sizes = sorted(sizes, reverse=True)  # largest first: its batched v* optimisation serves the smaller sizes
     outs = [out] if len(sizes) == 1 else [out.with_name(f"{out.stem}.b{b}{out.suffix or '.json'}") for b in sizes]
     journals = [o.with_name(o.name + ".journal.jsonl") for o in outs]
     for o, j in zip(outs, journals):

@@ -31,7 +31,7 @@ def _leagues(text: Optional[str]) -> list[float]:
 
 def _splits(split: str, select_split: Optional[str], trials: int) -> tuple[Optional[str], str]:
     """(selection split, report split)."""
-    from lmedit.evaluate.canonical_run import parse_split
+    from lmedit.evaluate.canonical_config import parse_split
 
     base, half = parse_split(split)
     if select_split is not None:
@@ -92,6 +92,7 @@ def eval_canonical(
     --method lora --league 1e-5 --trials 20 --out cc-lora.json
     """
     from lmedit.cli import _load, _parse_sets, console
+    from lmedit.evaluate import canonical_config as cc
     from lmedit.evaluate import canonical_run as cr
     from lmedit.evaluate import search as se
     from lmedit.evaluate.canonical import TASKS, get_task
@@ -105,11 +106,11 @@ def eval_canonical(
     if not all_ and task is None:
         raise InputError("give --task T (one of: " + ", ".join(TASKS) + ") or --all")
     tasks = list(TASKS) if all_ else [get_task(task).name]
-    methods = [m.strip() for m in (method or ("" if not all_ else ",".join(cr.METHODS))).split(",") if m.strip()]
+    methods = [m.strip() for m in (method or ("" if not all_ else ",".join(cc.METHODS))).split(",") if m.strip()]
     if not methods:
-        raise InputError("give --method (" + " | ".join(cr.METHODS) + ")")
+        raise InputError("give --method (" + " | ".join(cc.METHODS) + ")")
     for m in methods:
-        cr.check_method(m, None if (all_ or len(methods) > 1) else tasks[0])
+        cc.check_method(m, None if (all_ or len(methods) > 1) else tasks[0])
     if trials < 0:
         raise InputError(f"--trials must be 0 or more, got {trials}")
     _positive(epochs, "--epochs")
@@ -123,12 +124,12 @@ def eval_canonical(
         fixed["epochs"] = str(epochs)
     table_mode = all_ or len(methods) > 1
     if table_mode:
-        cr.check_overrides(methods, fixed)
+        cc.check_overrides(methods, fixed)
     space = se.SearchSpace(max_epochs=epochs or 10)
-    report = {t: cr.load_split(t, data_dir, report_name) for t in tasks}
-    select = {t: cr.load_split(t, data_dir, select_name) for t in tasks} if select_name else None
+    report = {t: cc.load_split(t, data_dir, report_name) for t in tasks}
+    select = {t: cc.load_split(t, data_dir, select_name) for t in tasks} if select_name else None
     for t in tasks:
-        if "memit" in methods and t in cr.SUBJECT_FIELDS:
+        if "memit" in methods and t in cc.SUBJECT_FIELDS:
             for data in (report[t], *((select[t],) if select else ())):
                 cr.memit_requests(data)  # a record without its subject field fails here
     general = general_text or Path(data_dir).parent / "text" / "openwebtext-val100.jsonl"
@@ -146,8 +147,8 @@ def eval_canonical(
                            patience=patience)
     runner = cr.Runner(lm.model, lm.tokenizer, protocol, lm.name, cache=BaselineCache())
     for m in methods:
-        if m != "memit" or any(t in cr.SUBJECT_FIELDS for t in tasks):  # bad --set values, before any run
-            cr.make_settings(m, lm.model, lm.name, cr.overrides_for(m, fixed, strict=not table_mode))
+        if m != "memit" or any(t in cc.SUBJECT_FIELDS for t in tasks):  # bad --set values, before any run
+            cc.make_settings(m, lm.model, lm.name, cc.overrides_for(m, fixed, strict=not table_mode))
 
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False)
@@ -163,9 +164,9 @@ def eval_canonical(
         console.print(f"→ {out}, {outputs[1]}, {outputs[2]}")
         return
     data, m = report[tasks[0]], methods[0]
-    fixed = cr.overrides_for(m, fixed)
+    fixed = cc.overrides_for(m, fixed)
     if not trials:
-        settings = cr.make_settings(m, lm.model, lm.name, fixed)
+        settings = cc.make_settings(m, lm.model, lm.name, fixed)
         result = runner.run(data, m, settings, announce=say)
         atomic_write_json(out, result)
         _print_result(console, result)

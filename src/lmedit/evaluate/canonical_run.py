@@ -36,195 +36,21 @@ each league's epoch are not kept (for "all" that is a copy of the model per leag
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
-from lmedit.editors import optional_float
 from lmedit.errors import EditFailure, InputError
 from lmedit.evaluate import degradation
-from lmedit.evaluate.canonical import (CanonicalTask, LossOptions, _records, get_task, load_task,
-                                       training_loss)
+from lmedit.evaluate.canonical import CanonicalTask, LossOptions, _records, training_loss
+from lmedit.evaluate.canonical_config import (ANSWER_FIELDS, SETTINGS, SUBJECT_FIELDS, LoraSettings, TrainSettings,
+                                              check_method, check_settings, make_settings)
 from lmedit.evaluate.degradation import DEFAULT_MAX_TOKENS, DEFAULT_N_DOCS, BaselineCache
 from lmedit.evaluate.leagues import LEAGUES, check_epsilon, league_score
-
-METHODS = ("ft", "ft-conditional", "lora", "memit")
-SUBJECT_FIELDS = {"country_capital": "country", "company_ceo": "company"}  # memit: the field naming the subject
-ANSWER_FIELDS = {"country_capital": "capital", "company_ceo": "ceo"}  # and the one naming the answer
-HALVES = ("a", "b")
-
-
-# ---------------------------------------------------------------- splits: "val", "val:a", "val:b"
-
-def parse_split(split: str) -> tuple[str, str | None]:
-    """("val", None) for "val"; ("val", "a") for "val:a". The half suffix must be :a or :b."""
-    if not isinstance(split, str) or not split:
-        raise InputError(f"split must be a non-empty name such as 'val' or 'val:a', got {split!r}")
-    base, sep, half = split.rpartition(":")
-    if not sep:
-        return split, None
-    if half not in HALVES or not base:
-        raise InputError(f"split {split!r}: a half is written NAME:a or NAME:b (e.g. val:a)")
-    return base, half
-
-
-def halve(task: CanonicalTask, half: str) -> CanonicalTask:
-    """Half of every file of `task`, by line order: a = the first ceil(n/2) records, b = the rest.
-
-    Contiguous halves keep an entity's canonical example and its evaluation texts together, as the files are
-    grouped by entity in the same order (measured on val: country_capital's and stereoset's halves match
-    exactly, pronoun_gender_bias's 10 professions per half too; company_ceo has 1 of 85 companies straddling;
-    9 of temporal's 59 evaluation entities in half a have their canonical example in half b). Even/odd halves
-    would put most entities' training example and evaluation texts in different halves."""
-    if half not in HALVES:
-        raise InputError(f"half must be 'a' or 'b', got {half!r}")
-    parts = {}
-    for role in ("train", "eval", "hard_neg", "unconditional"):
-        rows = getattr(task, role)
-        k = (len(rows) + 1) // 2
-        parts[role] = rows[:k] if half == "a" else rows[k:]
-        if not parts[role]:
-            raise InputError(f"{task.files.get(role, role)} holds {len(rows)} record(s): too few to halve")
-    return CanonicalTask(task.spec, f"{task.split}:{half}", parts["train"], parts["eval"], parts["hard_neg"],
-                         parts["unconditional"], dict(task.files))
-
-
-def load_split(task: str, data_dir, split: str) -> CanonicalTask:
-    """`load_task` for a split name, where NAME:a / NAME:b is one half of every file of split NAME."""
-    base, half = parse_split(split)
-    data = load_task(task, data_dir, base)
-    return data if half is None else halve(data, half)
-
-
-def task_digest(task: CanonicalTask) -> str:
-    """sha256 of all four roles' examples (the baseline cache's digest leaves the training examples out)."""
-    blob = json.dumps({role: [dataclasses.asdict(e) for e in getattr(task, role)]
-                       for role in ("train", "eval", "hard_neg", "unconditional")}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------- configurations
-
-@dataclass
-class TrainSettings:
-    """ft-conditional (and the base of ft, lora). Every field can be set with --set key=value."""
-
-    lr: float = 1e-5  # Adam step size; the search samples it log-uniformly
-    epochs: int = 10  # evaluated after each; the league picks the last admissible one
-    batch_size: int = 8  # canonical examples per optimiser step
-    seed: int = 0  # shuffling (and LoRA's initialisation)
-    modules: tuple[str, ...] = ("mlp_out",)  # roles / block modules at `layers`, or ("all",) = every parameter
-    layers: tuple[int, ...] = ()  # () = every layer
-    normalize: str = "token"  # LossOptions: per-token mean of each suffix's log-prob (reference) or "sum"
-    lower: str = "logp"  # LossOptions (stereoset): "logp" (reference, unbounded) or "unlikelihood"
-    floor: float | None = None  # LossOptions: for lower="logp", no gradient below this summed log P
-    balance: str = "abs"  # LossOptions (pronouns): "abs" (reference) or "square"
-    margin: float | None = None  # LossOptions (verbs): None = unbounded −d (reference) or hinge at this margin
-
-
-@dataclass
-class FtSettings(TrainSettings):
-    prefix_weight: float = 1.0  # weight of the prefix tokens' NLL beside the suffix loss ("full" likelihood)
-
-
-@dataclass
-class LoraSettings(TrainSettings):
-    lr: float = 1e-4  # adapters start at zero: a larger step than full fine-tuning
-    rank: int = 8  # r of B A
-    alpha: float = 16.0  # ΔW = (alpha / r) B A
-
-
-SETTINGS = {"ft": FtSettings, "ft-conditional": TrainSettings, "lora": LoraSettings}
-
-
-def check_method(method: str, task: str | None = None) -> str:
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r} for canonical tasks; choose one of: {', '.join(METHODS)}")
-    if method == "memit" and task is not None and get_task(task).name not in SUBJECT_FIELDS:
-        raise InputError(f"memit needs a subject to locate; task {get_task(task).name} has none "
-                         f"(memit runs on: {', '.join(SUBJECT_FIELDS)})")
-    return method
-
-
-def make_settings(method: str, model, model_name: str = "", overrides: dict[str, Any] | None = None):
-    """The method's configuration: dataclass defaults (memit: the per-model defaults table), then `overrides`
-    (--set k=v strings or values; unknown keys are an InputError listing the valid ones)."""
-    from lmedit.editors import apply_overrides, make_config
-
-    check_method(method)
-    overrides = dict(overrides or {})
-    if method == "memit":
-        return make_config("memit", model_name, model, overrides)
-    if isinstance(overrides.get("modules"), str):
-        overrides["modules"] = tuple(m.strip() for m in overrides["modules"].split(",") if m.strip())
-    settings = apply_overrides(SETTINGS[method](), overrides)
-    return dataclasses.replace(settings, floor=optional_float(settings.floor, "floor"),
-                               margin=optional_float(settings.margin, "margin"))
-
-
-def _setting_names(method: str) -> set[str]:
-    if method == "memit":
-        from lmedit.editors import get_editor
-
-        return {f.name for f in dataclasses.fields(get_editor("memit").config_cls)}
-    return {f.name for f in dataclasses.fields(SETTINGS[method])}
-
-
-def overrides_for(method: str, overrides: dict[str, Any] | None, strict: bool = True) -> dict[str, Any]:
-    """The overrides that concern `method`: "METHOD:key" ones for it, and plain keys — all of them when `strict`
-    (an unknown one then fails in make_settings), else only those the method has (one --set for several methods).
-    """
-    out = {}
-    for key, value in (overrides or {}).items():
-        head, sep, rest = key.partition(":")
-        if sep:
-            check_method(head)
-            if head == method:
-                out[rest] = value
-        elif strict or key.partition(".")[0] in _setting_names(method):
-            out[key] = value
-    return out
-
-
-def check_overrides(methods, overrides: dict[str, Any] | None) -> None:
-    """With several methods, every plain key must belong to at least one of them."""
-    for key in overrides or {}:
-        head, sep, _ = key.partition(":")
-        if sep:
-            check_method(head)
-        elif not any(key.partition(".")[0] in _setting_names(m) for m in methods):
-            valid = sorted(set().union(*(_setting_names(m) for m in methods)))
-            raise InputError(f"unknown setting {key!r} for {', '.join(methods)}; valid: {', '.join(valid)}")
-
-
-def _check(settings: TrainSettings, model) -> tuple[LossOptions, tuple[int, ...]]:
-    from lmedit.editors.finetune import trainable_parameters
-    from lmedit.models.arch import check_layer, num_layers
-
-    if not (isinstance(settings.lr, (int, float)) and math.isfinite(settings.lr) and settings.lr > 0):
-        raise InputError(f"lr must be a positive finite number, got {settings.lr}")
-    for name in ("epochs", "batch_size"):
-        if isinstance(getattr(settings, name), bool) or getattr(settings, name) < 1:
-            raise InputError(f"{name} must be at least 1, got {getattr(settings, name)}")
-    if isinstance(settings, LoraSettings) and (settings.rank < 1 or not settings.alpha > 0):
-        raise InputError(f"LoRA needs rank >= 1 and alpha > 0, got rank={settings.rank}, alpha={settings.alpha}")
-    if isinstance(settings, FtSettings) and not settings.prefix_weight >= 0:
-        raise InputError(f"prefix_weight must be >= 0, got {settings.prefix_weight}")
-    if not settings.modules:
-        raise InputError("modules must name at least one module, role or 'all'")
-    layers = tuple(settings.layers) or tuple(range(num_layers(model)))
-    for layer in layers:
-        check_layer(model, layer)
-    trainable_parameters(model, layers, tuple(settings.modules))  # unknown names fail here, before any work
-    options = LossOptions(settings.normalize, settings.lower, settings.floor, settings.balance, settings.margin)
-    return options, layers
-
 
 # ---------------------------------------------------------------- the runner
 
@@ -530,7 +356,7 @@ def run_canonical(runner: Runner, task: CanonicalTask, method: str, settings=Non
         settings.validate(model)
         trace = _memit_trace(runner, task, settings, before, announce)
     else:
-        options, layers = _check(settings, model)
+        options, layers = check_settings(settings, model)
         try:
             if method == "lora":
                 trace = _train_lora(runner, task, settings, options, layers, before, announce)

@@ -1,7 +1,7 @@
 """Hyperparameter search for the canonical-examples protocol (Optuna), the re-run on the report split, the table.
 
 Per (task, method, league) one Optuna study maximises the league score on the SELECTION split (e.g. `val:a`,
-the first half of every val file; see `canonical_run.halve`); `run_selected` then runs the best configuration
+the first half of every val file; see `canonical_config.halve`); `run_selected` then runs the best configuration
 once on the REPORT split (`val:b`, or a split of its own such as `test`). Search space (`SearchSpace`):
 - ft, ft-conditional: lr log-uniform, epochs 1..max_epochs, modules ∈ {mlp_out, attn_out+mlp_out, all}
   (at every layer);
@@ -34,8 +34,9 @@ from typing import Callable, Sequence
 
 from lmedit.errors import EditFailure, InputError
 from lmedit.evaluate.canonical import CanonicalTask
-from lmedit.evaluate.canonical_run import (SUBJECT_FIELDS, Runner, check_method, league_key, league_table,
-                                           make_settings, overrides_for, check_overrides, run_canonical, task_digest)
+from lmedit.evaluate.canonical_config import (SUBJECT_FIELDS, check_method, check_overrides, make_settings,
+                                              overrides_for, task_digest)
+from lmedit.evaluate.canonical_run import Runner, league_key, league_table, run_canonical
 from lmedit.evaluate.leagues import LEAGUES, check_epsilon
 from lmedit.fileio import atomic_write_bytes
 

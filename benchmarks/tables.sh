@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The measured evaluation tables of the README (issues 4 and 5), one lmedit command per cell group.
+# Re-runnable: a group whose result files exist is skipped; an interrupted group resumes from its journal,
+# and v* already optimised for the same request on the same model is reused from the lmedit cache.
+# Usage: benchmarks/tables.sh STAGE...   (stages: cf100 ft100 seq100 zsre100 cf1000; default: all, in that order)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LM=.venv/bin/lmedit
+DATA=../shared/data
+OUT=benchmarks/results/tables
+CF=$DATA/counterfact/counterfact-edit.json
+ZSRE=$DATA/zsre/zsre-500.json
+mkdir -p "$OUT"
+
+run() {  # run OUTPUT_STEM SIZES TASK ARGS...: skip when every result file is there
+  local stem=$1 sizes=$2 task=$3; shift 3
+  local missing=0
+  if [[ $sizes == *,* ]]; then
+    for b in ${sizes//,/ }; do [[ -f $OUT/$stem.b$b.json ]] || missing=1; done
+  else
+    [[ -f $OUT/$stem.json ]] || missing=1
+  fi
+  if [[ $missing == 0 ]]; then echo "== $stem: done"; return; fi
+  echo "== $stem ($(date +%T))"
+  /usr/bin/time -f "== $stem: %e s wall, %M KB peak" \
+    $LM eval "$task" --batch-size "$sizes" --out "$OUT/$stem.json" --resume "$@"
+}
+
+cf100() {
+  run cf100-memit 1,10,100 counterfact --data $CF --limit 100 --method memit
+  run cf100-emmet 1,10,100 counterfact --data $CF --limit 100 --method emmet
+  run cf100-rome 1 counterfact --data $CF --limit 100 --method rome
+}
+ft100() {
+  run cf100-ft 100 counterfact --data $CF --limit 100 --method ft
+  run cf100-ftc 100 counterfact --data $CF --limit 100 --method ft-conditional
+  run cf100-ftc-aug 100 counterfact --data $CF --limit 100 --method ft-conditional \
+    --set n_paraphrases=2 --set n_random_facts=2
+  run cf100-lora 100 counterfact --data $CF --limit 100 --method lora
+}
+seq100() {
+  run cf100-memit-seq10 10 counterfact --data $CF --limit 100 --method memit --sequential
+  run cf100-emmet-seq10 10 counterfact --data $CF --limit 100 --method emmet --sequential
+  run cf100-rome-b10 10 counterfact --data $CF --limit 100 --method rome
+}
+zsre100() {
+  run zsre100-memit 1,100 zsre --data $ZSRE --limit 100 --method memit
+  run zsre100-emmet 100 zsre --data $ZSRE --limit 100 --method emmet
+  run zsre100-rome 1 zsre --data $ZSRE --limit 100 --method rome
+}
+cf1000() {
+  run cf1000-memit 10,100,1000 counterfact --data $CF --limit 1000 --method memit
+  run cf1000-emmet 10,100,1000 counterfact --data $CF --limit 1000 --method emmet
+  run cf1000-emmet-mu0.001 10,100,1000 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001
+}
+
+stages=("$@")
+[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 seq100 zsre100 cf1000)
+for s in "${stages[@]}"; do "$s"; done
