@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/sweep_defaults.py --limit 100 --grid memit
     .venv/bin/python benchmarks/sweep_defaults.py --limit 30 --grid rome
+    .venv/bin/python benchmarks/sweep_defaults.py --limit 50 --grid ft
 
 v* depends only on the requests, the last edit layer and the value settings, so configurations that differ
-only in solver knobs (λ, μ, earlier layers) reuse it. Writes benchmarks/results/sweep-<grid>.json + .md.
+only in solver knobs (λ, μ, earlier layers) reuse it (lmedit's ValueStore), and the unedited model is scored
+once. Writes benchmarks/results/sweep-<grid>.json + .md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ GRIDS = {
               for lam in (500, 2000, 8000, 15000)]
     + [(f"emmet λ={lam}", "emmet", None, {"layers": "2,3,4,5,6", "mom2_weight": str(lam), "mu": "0.1"})
        for lam in (100, 1000, 5000, 15000)],
+    # fine-tuning editors, all edits trained together (mass); augmentation m paraphrases + r random facts per edit
+    "ft": [(f"ft-conditional lr={lr}", "ft-conditional", None, {"lr": lr}) for lr in ("1e-4", "5e-4", "2e-3")]
+    + [(f"ft-conditional lr={lr} m=2 r=2", "ft-conditional", None,
+        {"lr": lr, "n_paraphrases": "2", "n_random_facts": "2"}) for lr in ("1e-4", "5e-4", "2e-3")]
+    + [("ft lr=5e-4", "ft", None, {"lr": "5e-4"}), ("lora lr=5e-4", "lora", None, {"lr": "5e-4"}),
+       ("lora lr=2e-3", "lora", None, {"lr": "2e-3"})],
 }
 
 
@@ -37,26 +45,20 @@ def main() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    import lmedit.locate.core as core
     from lmedit.evaluate.run import run_edit_eval
+    from lmedit.locate.value_store import ValueStore
     from lmedit.models import load_model
+    from lmedit.models.loading import cache_dir
     from lmedit.requests import load_requests
 
-    memo, compute = {}, core.compute_values
-
-    def memoised(model, tok, requests, layer, templates, config, progress=True, cache_prefix=True):
-        key = (tuple(r.prompt + r.target_new for r in requests), layer, config)
-        if key not in memo:
-            memo[key] = compute(model, tok, requests, layer, templates, config, progress=progress)
-        return memo[key]
-
-    core.compute_values = memoised
     lm = load_model("smollm2-135m")
+    store, baseline = ValueStore(lm.model, cache_dir() / "values"), {}
     requests = load_requests(TRAIN, limit=args.limit)
     rows = []
     for name, method, batch, overrides in GRIDS[args.grid]:
         t0 = time.perf_counter()
-        r = run_edit_eval(lm, method, requests, batch, overrides=overrides, progress=False, announce=lambda *_: None)
+        r = run_edit_eval(lm, method, requests, batch, overrides=overrides, progress=False, announce=lambda *_: None,
+                          value_store=store, baseline=baseline)
         rows.append({"name": name, "overrides": overrides, "metrics": r["metrics"], "baseline": r["baseline"],
                      "seconds": time.perf_counter() - t0})
         print(name, {k: round(r["metrics"][k], 3) for k in ("efficacy", "generalization", "specificity", "edit_score")},
