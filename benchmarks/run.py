@@ -128,6 +128,24 @@ def bench_scoring(lm, n: int):
             "scoring_max_metric_diff": max_metric_diff, "scoring_max_logp_diff": max_logp_diff}
 
 
+def bench_ft_vs_memit(lm, requests):
+    """Wall time of one mass edit of the same requests: FT-conditional with augmentation (m = r = 2) vs MEMIT.
+    No v* is reused (no ValueStore is active), and C is loaded before the clock starts."""
+    from lmedit.editors import get_editor, make_config
+
+    n = len(requests)
+    rows = {"mass_n": n}
+    for label, method, overrides in (("memit", "memit", {}),
+                                     ("ft_conditional_aug", "ft-conditional",
+                                      {"n_paraphrases": "2", "n_random_facts": "2"})):
+        cfg = make_config(method, lm.name, lm.model, overrides)
+        patch, dt = timed(lambda: get_editor(method).fn(lm.model, lm.tokenizer, requests, cfg, progress=True,
+                                                        announce=lambda *_: None))
+        rows[f"mass{n}_{label}_s"] = dt - patch.meta.get("timing", {}).get("stats_seconds", 0.0)
+    rows[f"mass{n}_ft_conditional_aug_over_memit"] = rows[f"mass{n}_ft_conditional_aug_s"] / rows[f"mass{n}_memit_s"]
+    return rows
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -141,7 +159,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,100")
     parser.add_argument("--stats-tokens", type=int, default=20_000)
     parser.add_argument("--scoring-n", type=int, default=200)
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: editors,values,stats,scoring")
+    parser.add_argument("--mass-n", type=int, default=1000, help="edits in the FT-vs-MEMIT wall-time part")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: "
+                        "editors,values,stats,scoring,ft_vs_memit")
     args = parser.parse_args()
 
     import transformers
@@ -153,7 +173,7 @@ def main() -> None:
     from lmedit.stats.moments import load_or_compute
 
     lm = load_model("smollm2-135m")
-    requests = load_requests(DATA, limit=max(args.values_n, *map(int, args.sizes.split(","))))
+    requests = load_requests(DATA, limit=max(args.values_n, args.mass_n, *map(int, args.sizes.split(","))))
     for method in ("rome", "memit", "emmet"):  # statistics are not part of the edit timings
         cfg = make_config(method, lm.name, lm.model)
         load_or_compute(lm.model, lm.tokenizer, list(cfg.layers), cfg.stats_corpus, cfg.stats_tokens)
@@ -165,7 +185,8 @@ def main() -> None:
     parts = [("scoring", lambda: bench_scoring(lm, args.scoring_n)),
              ("stats", lambda: bench_stats(lm, args.stats_tokens)),
              ("values", lambda: bench_batched_values(lm, requests, args.values_n, args.reference_n)),
-             ("editors", lambda: bench_editors(lm, requests, [int(s) for s in args.sizes.split(",")]))]
+             ("editors", lambda: bench_editors(lm, requests, [int(s) for s in args.sizes.split(",")])),
+             ("ft_vs_memit", lambda: bench_ft_vs_memit(lm, requests[:args.mass_n]))]
     for name, part in parts:
         if name in skip:
             continue
