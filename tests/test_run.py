@@ -159,3 +159,30 @@ def test_resume_refuses_another_run(tiny_model, tmp_path):
     with pytest.raises(InputError, match="different run"):
         run_edit_eval(lm, "memit", REQUESTS, batch_size=1, overrides=FAST, progress=False, announce=lambda *_: None,
                       journal=journal, resume=True)
+
+
+def test_report_separates_settings_and_data_sizes(tmp_path):
+    """Runs of one method with another μ form their own curve; each data size gets its own unedited row."""
+    import json
+
+    from lmedit.evaluate.report import build_report
+
+    def result(n, b, mu, eff, base_eff):
+        m = {"efficacy": eff, "generalization": 0.5, "specificity": 0.5, "edit_score": 0.5}
+        return {"task": "counterfact", "model": "m", "method": "emmet", "n": n, "batch_size": b, "sequential": False,
+                "config": {"layers": [2, 3], "mu": mu, "value": {"steps": 25}},
+                "metrics": m, "baseline": {**m, "efficacy": base_eff}, "timing": {"seconds_per_edit": 1.0}}
+
+    runs = [result(100, 10, 0.1, 0.91, 0.40), result(100, 100, 0.1, 0.92, 0.40), result(100, 10, 0.001, 0.81, 0.40),
+            result(100, 100, 0.001, 0.82, 0.40), result(1000, 1000, 0.1, 0.71, 0.33)]
+    paths = []
+    for i, r in enumerate(runs):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    md = build_report(paths, tmp_path / "rep").read_text()
+    assert "## counterfact, 100 records" in md and "## counterfact, 1000 records" in md
+    assert "| unedited | 0.400 |" in md and "| unedited | 0.330 |" in md
+    assert "| emmet L2-3 mu=0.001 (batch 10, n=100) | 0.810 |" in md
+    assert "| emmet L2-3 mu=0.1 (batch 100, n=100) | 0.920 |" in md
+    assert (tmp_path / "rep" / "counterfact_n100_scaling.png").is_file()
+    assert not (tmp_path / "rep" / "counterfact_n1000_scaling.png").exists()  # one size only: no curve

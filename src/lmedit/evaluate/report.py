@@ -1,7 +1,8 @@
 """`lmedit report`: many result files → one markdown page with tables (unedited row included) and PNG plots.
 
-Results of one task go in one table (method × metric); results of a sweep (same task and method, several
-batch sizes) become metric-vs-number-of-edits curves.
+Results of one task on the same records (task, n) go in one table (method × metric) with that data's unedited
+row; results of a sweep (same method and settings, several batch sizes) become metric-vs-number-of-edits
+curves. Runs of one method with different settings are told apart by the settings that differ (e.g. μ=0.001).
 """
 
 from __future__ import annotations
@@ -26,25 +27,60 @@ def load_result(path: Path) -> dict:
     return result
 
 
-def _label(r: dict) -> str:
-    mode = "sequential" if r.get("sequential") else "batch"
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (config or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _variants(results: list[dict]) -> dict[int, str]:
+    """id(result) -> "k=v ..." for the settings in which runs of the same method differ (layers aside)."""
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        by_method[r["method"]].append(r)
+    names = {}
+    for rs in by_method.values():
+        flats = [_flat(r.get("config")) for r in rs]
+        keys = sorted({k for f in flats for k in f if k != "layers" and len({repr(g.get(k)) for g in flats}) > 1})
+        for r, f in zip(rs, flats):
+            names[id(r)] = " ".join(f"{k.rpartition('.')[2]}={f.get(k)}" for k in keys)
+    return names
+
+
+def _name(r: dict, variants: dict[int, str]) -> str:
+    """Method, edit layers and the settings that set this run apart from others of its method."""
     layers = (r.get("config") or {}).get("layers")
     where = f" L{'-'.join(map(str, layers))}" if layers else ""
-    return f"{r['method']}{where} ({mode} {r.get('batch_size')}, n={r['n']})"
+    variant = variants.get(id(r)) or ""
+    return f"{r['method']}{where}{' ' + variant if variant else ''}"
+
+
+def _series(r: dict, variants: dict[int, str]) -> str:
+    """The scaling curve a result belongs to."""
+    return _name(r, variants) + (" sequential" if r.get("sequential") else "")
+
+
+def _label(r: dict, variants: dict[int, str] | None = None) -> str:
+    mode = "sequential" if r.get("sequential") else "batch"
+    return f"{_name(r, variants or {})} ({mode} {r.get('batch_size')}, n={r['n']})"
 
 
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
 
 
-def _bar_plot(task: str, rows: list[dict], path: Path) -> None:
+def _bar_plot(task: str, rows: list[dict], path: Path, variants: dict[int, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = METRICS[task]
-    labels = ["unedited"] + [_label(r) for r in rows]
+    labels = ["unedited"] + [_label(r, variants) for r in rows]
     values = [[rows[0]["baseline"].get(m) or 0 for m in metrics]] + [[r["metrics"].get(m) or 0 for m in metrics]
                                                                        for r in rows]
     fig, ax = plt.subplots(figsize=(4.5 + 1.9 * len(metrics), 3.6))
@@ -87,29 +123,33 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
     if not paths:
         raise InputError("give at least one result file")
     results = [load_result(Path(p)) for p in paths]
-    by_task: dict[str, list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in results:
-        by_task[r["task"]].append(r)
+        groups[(r["task"], r["n"])].append(r)
+    variants = _variants(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# lmedit report", ""]
-    for task, rows in by_task.items():
+    several_n = {task: sum(1 for t, _ in groups if t == task) > 1 for task, _ in groups}
+    for (task, n), rows in groups.items():
         metrics = METRICS[task]
-        lines += [f"## {task}", "", f"Protocol: {rows[0].get('protocol') or 'see DESIGN §8'}", "",
+        rows.sort(key=lambda r: (_series(r, variants), r["batch_size"]))
+        stem = f"{task}_n{n}" if several_n[task] else task
+        lines += [f"## {task}, {n} records", "", f"Protocol: {rows[0].get('protocol') or 'see DESIGN §8'}", "",
                   "| method | " + " | ".join(metrics) + " | s/edit |", "|---" * (len(metrics) + 2) + "|"]
         lines.append("| unedited | " + " | ".join(_fmt(rows[0]["baseline"].get(m)) for m in metrics) + " | |")
         for r in rows:
             spe = r.get("timing", {}).get("seconds_per_edit")
-            lines.append(f"| {_label(r)} | " + " | ".join(_fmt(r["metrics"].get(m)) for m in metrics) +
+            lines.append(f"| {_label(r, variants)} | " + " | ".join(_fmt(r["metrics"].get(m)) for m in metrics) +
                          f" | {_fmt(spe)} |")
-        bars = out_dir / f"{task}_metrics.png"
-        _bar_plot(task, rows, bars)
+        bars = out_dir / f"{stem}_metrics.png"
+        _bar_plot(task, rows, bars, variants)
         lines += ["", f"![{task} metrics]({bars.name})", ""]
         sweeps: dict[str, list[dict]] = defaultdict(list)
         for r in rows:
-            sweeps[f"{r['method']}{' sequential' if r.get('sequential') else ''}"].append(r)
+            sweeps[_series(r, variants)].append(r)
         sweeps = {k: v for k, v in sweeps.items() if len({r["batch_size"] for r in v}) > 1}
         if sweeps:
-            curve = out_dir / f"{task}_scaling.png"
+            curve = out_dir / f"{stem}_scaling.png"
             _sweep_plot(task, sweeps, curve)
             lines += [f"![{task} metric vs number of edits]({curve.name})", ""]
     md = out_dir / "report.md"
