@@ -2,7 +2,8 @@
 # The measured evaluation tables of the README (issues 4 and 5), one lmedit command per cell group.
 # Re-runnable: a group whose result files exist is skipped; an interrupted group resumes from its journal,
 # and v* already optimised for the same request on the same model is reused from the lmedit cache.
-# Usage: benchmarks/tables.sh STAGE...   (stages: cf100 ft100 seq100 zsre100 cf1000; default: all, in that order)
+# Usage: benchmarks/tables.sh STAGE...   (stages: cf100 ft100 ft100single seq100 zsre100 cf1000;
+#        default: all, in that order)
 # Each command runs alone: two torch processes on a 2-core machine slow each other many times over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,13 @@ ft100() {  # fine-tuning editors, 100 edits trained together (mass)
     --set n_paraphrases=2 --set n_random_facts=2
   run cf100-lora 100 counterfact --data $CF --limit 100 --method lora
 }
+ft100single() {  # each edit trained alone on the original model (random facts from counterfact-train's true facts)
+  run cf100-ftc-aug-single 1 counterfact --data $CF --limit 100 --method ft-conditional \
+    --set n_paraphrases=2 --set n_random_facts=2 --set facts_file=$DATA/counterfact/counterfact-train.json
+  run cf100-ftc-single 1 counterfact --data $CF --limit 100 --method ft-conditional
+  run cf100-ft-single 1 counterfact --data $CF --limit 100 --method ft
+  run cf100-lora-single 1 counterfact --data $CF --limit 100 --method lora
+}
 seq100() {  # sequential: batches of 10 each on top of the earlier ones (ROME in batches = ROME sequential)
   run cf100-memit-seq10 10 counterfact --data $CF --limit 100 --method memit --sequential
   run cf100-rome-b10 10 counterfact --data $CF --limit 100 --method rome
@@ -55,5 +63,5 @@ cf1000() {
 }
 
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 seq100 zsre100 cf1000)
+[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 cf1000)
 for s in "${stages[@]}"; do "$s"; done
