@@ -137,10 +137,16 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
         lines += [f"## {task}, {n} records", "", f"Protocol: {rows[0].get('protocol') or 'see DESIGN §8'}", "",
                   "| method | " + " | ".join(metrics) + " | s/edit |", "|---" * (len(metrics) + 2) + "|"]
         lines.append("| unedited | " + " | ".join(_fmt(rows[0]["baseline"].get(m)) for m in metrics) + " | |")
+        reused_any = False
         for r in rows:
             spe = r.get("timing", {}).get("seconds_per_edit")
+            reused = bool(r.get("timing", {}).get("values_reused"))
+            reused_any |= reused
             lines.append(f"| {_label(r, variants)} | " + " | ".join(_fmt(r["metrics"].get(m)) for m in metrics) +
-                         f" | {_fmt(spe)} |")
+                         f" | {_fmt(spe)}{' †' if reused else ''} |")
+        if reused_any:
+            lines += ["", "† some v* were reused from an earlier run on the same model (`values_reused` in the result):"
+                      " this s/edit leaves out their optimisation."]
         bars = out_dir / f"{stem}_metrics.png"
         _bar_plot(task, rows, bars, variants)
         lines += ["", f"![{task} metrics]({bars.name})", ""]
