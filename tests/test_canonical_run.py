@@ -97,6 +97,17 @@ def test_halves_are_contiguous_and_cover_the_file(data_dir):
             cc.load_split("country_capital", data_dir, bad)
 
 
+def test_eval_limit_keeps_training_and_cuts_each_evaluation_file(data_dir):
+    whole = cc.load_split("country_capital", data_dir, SPLIT)
+    cut = cc.limit_evaluation(whole, 1)
+    assert cut.train == whole.train and cut.split == "tiny[eval:1]"
+    for role in ("eval", "hard_neg", "unconditional"):
+        assert getattr(cut, role) == getattr(whole, role)[:1] and len(getattr(whole, role)) > 1
+    assert cc.task_digest(cut) != cc.task_digest(whole)
+    with pytest.raises(InputError, match="eval-limit"):
+        cc.limit_evaluation(whole, 0)
+
+
 # ---------------------------------------------------------------- the protocol
 
 def test_trace_league_logic_and_bit_exact_restore(tiny, data_dir, tmp_path):

@@ -82,6 +82,9 @@ def eval_canonical(
         n_docs: int = typer.Option(200, "--n-docs", help="general-text records measured (the fixed subset)"),
         max_tokens: int = typer.Option(256, "--max-tokens", help="each general-text record is cut to this many "
                                        "tokens"),
+        eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="score only the first N records of "
+                                                 "each evaluation file (eval, hard negatives, targeted text): quick "
+                                                 "runs on a CPU; the split name records it"),
         patience: Optional[int] = typer.Option(None, "--patience", help="stop a run after this many epochs in a "
                                                "row over every league's budget (default: train all epochs)"),
         seed: int = typer.Option(0, "--seed", help="the TPE sampler's seed"),
@@ -126,8 +129,12 @@ def eval_canonical(
     if table_mode:
         cc.check_overrides(methods, fixed)
     space = se.SearchSpace(max_epochs=epochs or 10)
+    _positive(eval_limit, "--eval-limit")
     report = {t: cc.load_split(t, data_dir, report_name) for t in tasks}
     select = {t: cc.load_split(t, data_dir, select_name) for t in tasks} if select_name else None
+    if eval_limit:
+        report = {t: cc.limit_evaluation(d, eval_limit) for t, d in report.items()}
+        select = {t: cc.limit_evaluation(d, eval_limit) for t, d in select.items()} if select else None
     for t in tasks:
         if "memit" in methods and t in cc.SUBJECT_FIELDS:
             for data in (report[t], *((select[t],) if select else ())):

@@ -59,6 +59,15 @@ def halve(task: CanonicalTask, half: str) -> CanonicalTask:
                          parts["unconditional"], dict(task.files))
 
 
+def limit_evaluation(task: CanonicalTask, n: int) -> CanonicalTask:
+    """The first n records of each evaluation file (eval, hard negatives, targeted text); training stays whole.
+    For quick runs where every epoch's evaluation dominates the cost (a CPU); the split name records it."""
+    if n < 1:
+        raise InputError(f"--eval-limit must be at least 1, got {n}")
+    return CanonicalTask(task.spec, f"{task.split}[eval:{n}]", task.train, task.eval[:n], task.hard_neg[:n],
+                         task.unconditional[:n], dict(task.files))
+
+
 def load_split(task: str, data_dir, split: str) -> CanonicalTask:
     """`load_task` for a split name, where NAME:a / NAME:b is one half of every file of split NAME."""
     base, half = parse_split(split)
