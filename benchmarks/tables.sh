@@ -33,6 +33,8 @@ cf100() {  # EMMET with the defaults is MEMIT (λ = μλ′, see README); μ = 0
   run cf100-emmet 1,10,100 counterfact --data $CF --limit 100 --method emmet
   run cf100-emmet-mu0.001 1,10,100 counterfact --data $CF --limit 100 --method emmet --set mu=0.001
   run cf100-rome 1 counterfact --data $CF --limit 100 --method rome
+  run cf100-memit-fluency 100 counterfact --data $CF --limit 100 --method memit --fluency
+  run cf100-rome-fluency 1 counterfact --data $CF --limit 100 --method rome --fluency
 }
 ft100() {  # fine-tuning editors, 100 edits trained together (mass)
   run cf100-ft 100 counterfact --data $CF --limit 100 --method ft
