@@ -443,3 +443,29 @@ def test_rome_reuses_values_only_for_its_first_edit(tiny, tokenizer, tmp_path):
     name = next(iter(plain.deltas))
     assert torch.equal(again.deltas[name].full(), plain.deltas[name].full())
     assert not torch.equal(patch.deltas[name].full(), plain.deltas[name].full())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "gemma3_text"])
+def test_replayed_lower_layers_give_the_reference_values(kind, tiny_model, tokenizer, monkeypatch):
+    """v* with the prefixes cached and layers below the edit layer replayed = full prompts through every layer
+    at every step (float64), for every layer output form (tensor, GPT-J's tuple)."""
+    from lmedit.locate.batching import PrefixCache
+
+    model = copy.deepcopy(_editable(tiny_model(kind)).model).to(torch.float64)
+    templates = context_templates(model, tokenizer, CONTEXT["n_context"], CONTEXT["context_length"], CONTEXT["seed"])
+    calls = {"replayed": 0}
+    original = PrefixCache._replaying
+
+    def counting(self, hidden):
+        calls["replayed"] += 1
+        return original(self, hidden)
+
+    monkeypatch.setattr(PrefixCache, "_replaying", counting)
+    cached = compute_values(model, tokenizer, REQUESTS, 2, templates, VALUE, progress=False)
+    monkeypatch.undo()
+    full = compute_values(model, tokenizer, REQUESTS, 2, templates, VALUE, progress=False, cache_prefix=False)
+    assert calls["replayed"] >= 1  # the optimisation steps did run on replayed layers
+    assert cached.steps.tolist() == full.steps.tolist()
+    torch.testing.assert_close(cached.v0, full.v0, atol=1e-9, rtol=0)
+    torch.testing.assert_close(cached.delta, full.delta, atol=1e-6, rtol=0)
+    assert all(type(m).__name__ != "_Replay" for m in model.modules())  # the real layers are back

@@ -4,6 +4,10 @@ Why: in v* optimisation δ is added at the last subject token, so every token be
 Those prefixes (context + start of prompt, ~3/4 of all tokens) run once with a KV cache; each optimisation step
 then runs only the short suffixes. The prefix is left-padded and the suffix right-padded so every row's split
 point sits at the same column; position ids follow the real tokens, so results equal a plain forward.
+
+The same holds in depth: δ enters at layer L, so the suffixes' hidden states below L never change either.
+With `frozen_layers=L` the first pass over each row records the input of layer L, and later passes replay it:
+layers 0..L−1 are swapped for a module that returns the recorded states (L/n_layers of every step saved).
 """
 
 from __future__ import annotations
@@ -80,12 +84,33 @@ def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-class PrefixCache:
-    """The frozen prefixes' keys/values, computed once; `forward` runs any subset of rows' suffixes."""
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: returns recorded hidden states, in the layer's own output form."""
 
-    def __init__(self, model: nn.Module, batch: SplitBatch, chunk: int = 256):
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return get_module(model, arch_for(model).layers)
+
+
+class PrefixCache:
+    """The frozen prefixes' keys/values, computed once; `forward` runs any subset of rows' suffixes.
+
+    frozen_layers=L: the caller promises nothing below layer L changes between calls (v*: δ enters at L)."""
+
+    def __init__(self, model: nn.Module, batch: SplitBatch, chunk: int = 256, frozen_layers: int = 0):
         self.model = model
         self.batch = batch
+        self.frozen_layers = frozen_layers
+        self.frozen_input: torch.Tensor | None = None  # (rows, S, d): input of layer `frozen_layers`
+        self.recorded = torch.zeros(batch.suffix_ids.shape[0], dtype=torch.bool, device=batch.suffix_ids.device)
+        self.tuple_output = False  # whether the decoder layers return tuples (GPT-J) rather than tensors
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if batch.prefix_ids.shape[1] == 0:
             return
@@ -109,9 +134,55 @@ class PrefixCache:
         cache = None
         if self.kv is not None:
             cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.kv])
-        out = body(self.model)(input_ids=b.suffix_ids[rows], attention_mask=torch.cat([prefix_mask, suffix_mask], 1),
-                               position_ids=positions, past_key_values=cache, use_cache=cache is not None)
-        return out.last_hidden_state
+
+        def run():
+            return body(self.model)(input_ids=b.suffix_ids[rows], attention_mask=torch.cat([prefix_mask, suffix_mask], 1),
+                                    position_ids=positions, past_key_values=cache,
+                                    use_cache=cache is not None).last_hidden_state
+
+        if not self.frozen_layers:
+            return run()
+        if bool(self.recorded[rows].all()):
+            with self._replaying(self.frozen_input[rows]):
+                return run()
+        with self._recording(rows):
+            return run()
+
+    @contextmanager
+    def _recording(self, rows: torch.Tensor):
+        layers = _decoder_layers(self.model)
+
+        def record_input(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self.frozen_input is None:
+                n, S = self.batch.suffix_ids.shape
+                self.frozen_input = hidden.new_zeros((n, S, hidden.shape[-1]))
+            self.frozen_input[rows] = hidden.detach()
+            self.recorded[rows] = True
+
+        def record_form(module, args, output):
+            self.tuple_output = isinstance(output, tuple)
+
+        handles = [layers[self.frozen_layers].register_forward_pre_hook(record_input, with_kwargs=True),
+                   layers[self.frozen_layers - 1].register_forward_hook(record_form)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def _replaying(self, hidden: torch.Tensor):
+        layers = _decoder_layers(self.model)
+        originals = [layers[i] for i in range(self.frozen_layers)]
+        replay = _Replay(hidden, self.tuple_output)
+        try:
+            for i in range(self.frozen_layers):
+                layers[i] = replay
+            yield
+        finally:
+            for i, layer in enumerate(originals):
+                layers[i] = layer
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

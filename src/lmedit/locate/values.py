@@ -75,8 +75,9 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
                    cache_prefix: bool = True) -> Values:
     """Batched v* for all requests at `layer` (δ added to the output of W there).
 
-    cache_prefix=False runs every full prompt at every step, as the reference implementations do (kept for
-    the benchmark and the equivalence test)."""
+    cache_prefix=False runs every full prompt through every layer at every step, as the reference
+    implementations do (kept for the benchmark and the equivalence test); True runs the frozen prefixes once
+    and, at each step, only the suffixes from `layer` up (batching.PrefixCache)."""
     W = mlp_out_module(model, layer)
     device = next(W.parameters()).device
     rows, subject_last, owner, kinds, targets = _rows(tokenizer, requests, templates)
@@ -84,7 +85,7 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
     # column of the suffix where δ is added: the last subject token
     delta_col = torch.tensor([last - split for last, split in zip(subject_last, splits)], device=device)
     batch = SplitBatch.build(rows, splits, tokenizer.pad_token_id, device)
-    cache = PrefixCache(model, batch)
+    cache = PrefixCache(model, batch, frozen_layers=layer if cache_prefix else 0)  # δ enters at `layer`
     n, n_rows = len(requests), len(rows)
     owner_t = torch.tensor(owner, device=device)
     is_kl = torch.tensor([k == "kl" for k in kinds], device=device)
