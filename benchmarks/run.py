@@ -48,7 +48,8 @@ def bench_editors(lm, requests, sizes):
 
 
 def bench_batched_values(lm, requests, n, reference_n):
-    """Batched v* for n requests vs the sum of n one-request optimisations (same code path, same config)."""
+    """Batched v* for n requests vs the sum of n one-request optimisations (same code path, same config), and
+    with vs without replaying the layers below the edit layer."""
     from lmedit.editors import make_config
     from lmedit.locate.context import context_templates
     from lmedit.locate.values import compute_values
@@ -58,6 +59,8 @@ def bench_batched_values(lm, requests, n, reference_n):
     layer = cfg.layers[-1]
     batched, t_batched = timed(lambda: compute_values(lm.model, lm.tokenizer, requests[:n], layer, templates,
                                                       cfg.value, progress=False))
+    no_replay, t_no_replay = timed(lambda: compute_values(lm.model, lm.tokenizer, requests[:n], layer, templates,
+                                                          cfg.value, progress=False, replay_layers=False))
     t_single = 0.0
     singles = []
     for r in requests[:n]:
@@ -73,6 +76,9 @@ def bench_batched_values(lm, requests, n, reference_n):
                                              cache_prefix=False))
         t_reference += dt
     return {"values_n": n, "values_batched_s": t_batched, "values_one_by_one_s": t_single,
+            "values_batched_without_layer_replay_s": t_no_replay,
+            "values_layer_replay_over_none": t_batched / t_no_replay,
+            "values_max_abs_diff_replay_vs_none": (no_replay.delta - batched.delta).abs().max().item(),
             "values_batched_over_one_by_one": t_batched / t_single,
             "values_reference_n": reference_n, "values_one_by_one_reference_style_s": t_reference,
             "values_batched_over_reference_style_per_request": (t_batched / n) / (t_reference / reference_n),

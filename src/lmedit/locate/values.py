@@ -72,12 +72,13 @@ def _rows(tokenizer, requests: list[EditRequest], templates: list[str]):
 
 def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], layer: int,
                    templates: list[str], config: ValueConfig = ValueConfig(), progress: bool = True,
-                   cache_prefix: bool = True) -> Values:
+                   cache_prefix: bool = True, replay_layers: bool = True) -> Values:
     """Batched v* for all requests at `layer` (δ added to the output of W there).
 
     cache_prefix=False runs every full prompt through every layer at every step, as the reference
     implementations do (kept for the benchmark and the equivalence test); True runs the frozen prefixes once
-    and, at each step, only the suffixes from `layer` up (batching.PrefixCache)."""
+    and, at each step, only the suffixes from `layer` up (batching.PrefixCache); replay_layers=False runs the
+    suffixes through every layer (for the benchmark)."""
     W = mlp_out_module(model, layer)
     device = next(W.parameters()).device
     rows, subject_last, owner, kinds, targets = _rows(tokenizer, requests, templates)
@@ -85,7 +86,7 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
     # column of the suffix where δ is added: the last subject token
     delta_col = torch.tensor([last - split for last, split in zip(subject_last, splits)], device=device)
     batch = SplitBatch.build(rows, splits, tokenizer.pad_token_id, device)
-    cache = PrefixCache(model, batch, frozen_layers=layer if cache_prefix else 0)  # δ enters at `layer`
+    cache = PrefixCache(model, batch, frozen_layers=layer if cache_prefix and replay_layers else 0)  # δ enters at L
     n, n_rows = len(requests), len(rows)
     owner_t = torch.tensor(owner, device=device)
     is_kl = torch.tensor([k == "kl" for k in kinds], device=device)
