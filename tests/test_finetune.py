@@ -200,6 +200,40 @@ def test_norm_constraint_holds_and_is_active(tiny):
             assert float((params[name] - snap[name]).abs().max()) <= eps + 1e-7
 
 
+@pytest.mark.parametrize("method", ["ft-conditional", "lora"])
+def test_degradation_budget_keeps_the_last_epoch_within_it(tiny, tmp_path, method):
+    """With budget ε, training stops at the first epoch whose general-text loss exceeds (1 + ε) × before and
+    keeps the weights of the epoch before it (an unconstrained run of the same seed gives the trajectory)."""
+    from lmedit.evaluate.degradation import token_loss
+
+    model, tok = tiny.model, tiny.tokenizer
+    texts = []  # each prompt followed by the unedited model's own top token there: editing must cost those
+    for r in REQUESTS:
+        ids = tok(r.prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            top = int(model(input_ids=ids).logits[0, -1].argmax())
+        texts.append(r.prompt + tok.decode([top]))
+    corpus = tmp_path / "general.txt"
+    corpus.write_text("\n\n".join(texts))
+    editor = get_editor(method)
+    base = dict(FAST, lr=5e-2, epochs=6, stop_prob=None, patience=0, budget_corpus=str(corpus), budget_docs=3)
+    free = editor.fn(model, tok, REQUESTS, editor.config_cls(**base, budget=1e6), progress=False)
+    losses = free.meta["training"][0]["budget_loss"]
+    assert free.meta["training"][0]["stopped"] == "epochs" and len(losses) == 7
+    rise = [x / losses[0] - 1 for x in losses[1:]]
+    assert max(rise) > 0, losses  # training degrades this text, so some budget must bite
+    eps = max(rise) / 2
+    broken = next(e for e, r in enumerate(rise) if r > eps)  # 0-based epoch that breaks the budget
+    held = editor.fn(model, tok, REQUESTS, editor.config_cls(**base, budget=eps), progress=False)
+    curve = held.meta["training"][0]
+    assert curve["stopped"] == "budget" and curve["epochs"] == broken + 1
+    torch.testing.assert_close(torch.tensor(curve["budget_loss"]), torch.tensor(losses[:broken + 2]))
+    with held.apply(model):
+        kept = token_loss(model, tok, texts, 128)
+    assert kept <= (1 + eps) * losses[0] * (1 + 1e-6)
+    assert abs(kept - losses[broken]) < 1e-4  # the weights after the last epoch within the budget (or W₀)
+
+
 def test_single_mode_sums_independent_edits(tiny):
     model, tok = tiny.model, tiny.tokenizer
     fn = get_editor("ft-conditional").fn
@@ -291,7 +325,8 @@ def test_non_finite_loss_fails_and_keeps_the_model(tiny, monkeypatch):
 def test_bad_settings_are_input_errors(tiny):
     model = tiny.model
     for bad in (dict(lr=0.0), dict(lr=float("inf")), dict(epochs=0), dict(mode="both"), dict(layers=(2, 1)),
-                dict(norm_constraint=-1.0), dict(stop_prob=1.5), dict(layers=(99,))):
+                dict(norm_constraint=-1.0), dict(stop_prob=1.5), dict(layers=(99,)), dict(budget=-0.1),
+                dict(budget=float("nan")), dict(budget_docs=0), dict(budget_tokens=1)):
         with pytest.raises(InputError):
             prepare(FinetuneConfig(**bad), model)
     with pytest.raises(InputError, match="rank"):

