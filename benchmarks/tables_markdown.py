@@ -1,0 +1,88 @@
+"""The README's measured tables, printed from the result files of benchmarks/tables.sh (no number typed by hand).
+
+    .venv/bin/python benchmarks/tables_markdown.py > benchmarks/results/tables/tables.md
+
+A row whose result file is missing is left out (the run has not been made).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TABLES = Path(__file__).resolve().parent / "results" / "tables"
+
+COUNTERFACT = [  # (label, result file stem)
+    ("ROME, each edit alone", "cf100-rome"),
+    ("ROME, 10 edits one after another per batch", "cf100-rome-b10"),
+    ("MEMIT, batch 1", "cf100-memit.b1"),
+    ("MEMIT, batch 10", "cf100-memit.b10"),
+    ("MEMIT, batch 100", "cf100-memit.b100"),
+    ("MEMIT, sequential batches of 10", "cf100-memit-seq10"),
+    ("EMMET (μ = 0.1, λ = 5000), batch 1", "cf100-emmet.b1"),
+    ("EMMET (μ = 0.1, λ = 5000), batch 10", "cf100-emmet.b10"),
+    ("EMMET (μ = 0.1, λ = 5000), batch 100", "cf100-emmet.b100"),
+    ("EMMET μ = 0.001, batch 1", "cf100-emmet-mu0.001.b1"),
+    ("EMMET μ = 0.001, batch 10", "cf100-emmet-mu0.001.b10"),
+    ("EMMET μ = 0.001, batch 100", "cf100-emmet-mu0.001.b100"),
+    ("FT (prompt + target), mass 100", "cf100-ft"),
+    ("FT-conditional, mass 100", "cf100-ftc"),
+    ("FT-conditional + augmentation (m = r = 2), mass 100", "cf100-ftc-aug"),
+    ("LoRA, mass 100", "cf100-lora"),
+    ("FT, each edit alone", "cf100-ft-single"),
+    ("FT-conditional, each edit alone", "cf100-ftc-single"),
+    ("FT-conditional + augmentation, each edit alone", "cf100-ftc-aug-single"),
+    ("LoRA, each edit alone", "cf100-lora-single"),
+]
+COUNTERFACT_1000 = [
+    ("MEMIT, batch 10", "cf1000-memit.b10"),
+    ("MEMIT, batch 100", "cf1000-memit.b100"),
+    ("MEMIT, batch 1000", "cf1000-memit.b1000"),
+    ("EMMET μ = 0.001, batch 10", "cf1000-emmet-mu0.001.b10"),
+    ("EMMET μ = 0.001, batch 100", "cf1000-emmet-mu0.001.b100"),
+    ("EMMET μ = 0.001, batch 1000", "cf1000-emmet-mu0.001.b1000"),
+]
+ZSRE = [
+    ("ROME, each edit alone", "zsre100-rome"),
+    ("MEMIT, batch 1", "zsre100-memit.b1"),
+    ("MEMIT, batch 100", "zsre100-memit.b100"),
+    ("EMMET μ = 0.001, batch 100", "zsre100-emmet-mu0.001"),
+]
+CF_METRICS = ("efficacy", "generalization", "specificity", "edit_score")
+ZSRE_METRICS = ("efficacy", "generalization", "locality")
+
+
+def _load(stem: str) -> dict | None:
+    path = TABLES / f"{stem}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def table(rows, metrics) -> list[str]:
+    found = [(label, r) for label, stem in rows if (r := _load(stem)) is not None]
+    if not found:
+        return []
+    head = ["| | " + " | ".join(metrics) + " | s/edit |", "|---" * (len(metrics) + 2) + "|"]
+    base = found[0][1]["baseline"]
+    lines = head + ["| unedited | " + " | ".join(f"{base[m]:.3f}" for m in metrics) + " | |"]
+    for label, r in found:
+        t = r["timing"]
+        mark = " †" if t.get("values_reused") else ""
+        lines.append(f"| {label} | " + " | ".join(f"{r['metrics'][m]:.3f}" for m in metrics) +
+                     f" | {t['seconds_per_edit']:.2f}{mark} |")
+    return lines
+
+
+def main() -> None:
+    out = ["### CounterFact, first 100 records of counterfact-edit.json", ""] + table(COUNTERFACT, CF_METRICS)
+    thousand = table(COUNTERFACT_1000, CF_METRICS)
+    if thousand:
+        out += ["", "### CounterFact, first 1000 records", ""] + thousand
+    zsre = table(ZSRE, ZSRE_METRICS)
+    if zsre:
+        out += ["", "### zsRE, first 100 records of zsre-500.json", ""] + zsre
+    out += ["", "† v* taken from an earlier run on the same model (identical optimisation); s/edit leaves it out."]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
