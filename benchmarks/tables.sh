@@ -36,11 +36,11 @@ cf100() {  # EMMET with the defaults is MEMIT (λ = μλ′, see README); μ = 0
   run cf100-memit-fluency 100 counterfact --data $CF --limit 100 --method memit --fluency
   run cf100-rome-fluency 1 counterfact --data $CF --limit 100 --method rome --fluency
 }
-ft100() {  # fine-tuning editors, 100 edits trained together (mass)
+ft100() {  # fine-tuning editors, 100 edits trained together (mass); random facts from counterfact-train's true facts
   run cf100-ft 100 counterfact --data $CF --limit 100 --method ft
   run cf100-ftc 100 counterfact --data $CF --limit 100 --method ft-conditional
   run cf100-ftc-aug 100 counterfact --data $CF --limit 100 --method ft-conditional \
-    --set n_paraphrases=2 --set n_random_facts=2
+    --set n_paraphrases=2 --set n_random_facts=2 --set facts_file=$DATA/counterfact/counterfact-train.json
   run cf100-lora 100 counterfact --data $CF --limit 100 --method lora
 }
 ft100single() {  # each edit trained alone on the original model (random facts from counterfact-train's true facts)

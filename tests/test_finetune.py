@@ -99,7 +99,7 @@ def _requests(n):
 def test_augmentation_draws_exact_counts_deterministically():
     reqs = _requests(8)
     prefixes = [f"prefix number {k}. {{}}" for k in range(10)]
-    pools = fact_pools(reqs, None)
+    pools = fact_pools(reqs, None, "single")
 
     def draw(seed, m=3, r=2):
         return augment(reqs, prefixes, pools, m, r, seed)
@@ -118,7 +118,7 @@ def test_augmentation_draws_exact_counts_deterministically():
         assert len(set(facts)) == 2 and req.prompt not in [p for p, _ in facts]  # other edits' true facts
         assert all((p, t) in [(r.prompt, r.target_true) for r in reqs] for p, t in facts)
     # more facts than the pool holds: still exactly r (drawn with replacement)
-    many = augment(reqs[:2], prefixes, fact_pools(reqs[:2], None), 0, 5, 0)
+    many = augment(reqs[:2], prefixes, fact_pools(reqs[:2], None, "single"), 0, 5, 0)
     assert [ex.kind for ex in many].count("fact") == 10
     assert augment(reqs, prefixes, pools, 0, 0, 0) == [Example(r.prompt, r.target_new, "edit", i)
                                                        for i, r in enumerate(reqs)]
@@ -162,6 +162,21 @@ def test_no_facts_to_draw_is_an_input_error(tiny):
     config = FinetuneConfig(layers=(1,), n_random_facts=2)  # one request: no other facts in the batch
     with pytest.raises(InputError, match="facts_file"):
         get_editor("ft-conditional").fn(tiny.model, tiny.tokenizer, REQUESTS[:1], config, progress=False)
+    with pytest.raises(InputError, match="mass editing"):  # the others' true facts are being edited too
+        get_editor("ft-conditional").fn(tiny.model, tiny.tokenizer, REQUESTS, config, progress=False)
+
+
+def test_facts_never_contradict_an_edit_of_the_same_run():
+    """Mass editing trains every request together, so no request's true fact (nor any fact about an edited
+    subject) may anchor it; single editing trains each alone, so the others' facts are fair."""
+    reqs = _requests(4)
+    outside = [("Paris is the capital of", "France"), (reqs[0].subject + " was born in", "Lyon")]
+    mass = fact_pools(reqs, [(r.prompt, r.target_true) for r in reqs] + outside, "mass")
+    assert all(pool == [outside[0]] for pool in mass)
+    single = fact_pools(reqs, None, "single")
+    for r, pool in zip(reqs, single):
+        assert len(pool) == 3 and all(r.subject not in p for p, _ in pool)
+    assert fact_pools(reqs, None, "mass") == [[]] * 4
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -250,7 +265,9 @@ def test_kl_and_augmentation_run_and_the_patch_saves(tiny, tmp_cache, tmp_path):
     config = make_config("ft-conditional", "tiny", model, {
         "layers": "1", "modules": "mlp_out,attn_out", "norm_constraint": "0.01", "epochs": 2, "lr": 1e-3,
         "n_paraphrases": 1, "prefix_pool": 2, "prefix_length": 3, "n_random_facts": 1, "kl_factor": 0.5,
-        "kl_text": ("A short sentence about nothing.",)})
+        "kl_text": ("A short sentence about nothing.",), "facts_file": str(tmp_path / "facts.jsonl")})
+    (tmp_path / "facts.jsonl").write_text('{"prompt": "Tokyo is in", "subject": "Tokyo", "target_new": "Peru", '
+                                          '"target_true": "Japan"}\n')
     snap = _snapshot(model)
     patch = get_editor("ft-conditional").fn(model, tok, REQUESTS, config, progress=False)
     assert _unchanged(model, snap)

@@ -66,7 +66,9 @@ class TrainConfig:
     prefix_pool: int = 20  # prefixes generated once per call; each edit draws its m from them
     prefix_length: int = 10  # tokens per generated prefix
     n_random_facts: int = 0  # r: unrelated prompt → true answer, per edit (locality)
-    facts_file: str | None = None  # the fact pool (any load_requests format, target_true used); None = other edits
+    facts_file: str | None = None  # the fact pool (any load_requests format, target_true used); None = the other
+    # requests' true facts, usable only in single mode (mass editing changes them); facts about a subject being
+    # edited in the same run are never drawn
     kl_factor: float = 0.0  # β on KL(p₀ ‖ p_θ) over kl_text; 0 = off
     kl_text: tuple[str, ...] = KL_TEXT  # unrelated text the KL term keeps as it was
     stop_prob: float | None = 0.9  # stop once every edit's P(target_new | prompt) exceeds this; None or 1 = off
@@ -189,12 +191,16 @@ def load_fact_pool(path: str) -> list[tuple[str, str]]:
     return [(r.prompt, r.target_true) for r in records]
 
 
-def fact_pools(requests: list[EditRequest], facts: list[tuple[str, str]] | None) -> list[list[tuple[str, str]]]:
-    """Per edit, the facts it may draw: `facts`, or by default the other requests' true facts; never one with
-    the edit's own prompt (its old answer would pull against the edit)."""
+def fact_pools(requests: list[EditRequest], facts: list[tuple[str, str]] | None,
+               mode: str = "mass") -> list[list[tuple[str, str]]]:
+    """Per edit, the facts it may draw: never one about a subject trained in the same run, whose true answer
+    would pull against that edit (in mass editing every request is trained together; in single editing only
+    the edit itself). `facts` None: the requests' own true facts, which only single editing can use."""
     if facts is None:
         facts = [(r.prompt, r.target_true) for r in requests if r.target_true is not None]
-    return [[f for f in facts if f[0] != r.prompt] for r in requests]
+    together = [[r] for r in requests] if mode == "single" else [requests] * len(requests)
+    return [[f for f in facts if not any(t.subject in f[0] or t.prompt == f[0] for t in group)]
+            for group in together]
 
 
 def augment(requests: list[EditRequest], prefixes: list[str], pools: list[list[tuple[str, str]]],
@@ -211,8 +217,9 @@ def augment(requests: list[EditRequest], prefixes: list[str], pools: list[list[t
                      for t in rng.sample(prefixes, n_paraphrases)]
         if n_random_facts:
             if not pool:
-                raise InputError(f"no random facts to draw for request {i}: the other requests give none (a batch of "
-                                 "one has no others); name a pool with --set facts_file=PATH or set n_random_facts=0")
+                raise InputError(f"no random facts to draw for request {i}: without a facts file the pool is the other "
+                                 "requests' true facts, which mass editing is changing (and a batch of one has none); "
+                                 "name a pool with --set facts_file=PATH or set n_random_facts=0")
             draw = rng.sample(pool, n_random_facts) if n_random_facts <= len(pool) else \
                 rng.choices(pool, k=n_random_facts)
             examples += [Example(p, t, "fact", i) for p, t in draw]
@@ -221,14 +228,14 @@ def augment(requests: list[EditRequest], prefixes: list[str], pools: list[list[t
 
 def build_examples(model, tokenizer, requests: list[EditRequest], config: TrainConfig) -> list[Example]:
     facts = load_fact_pool(config.facts_file) if config.facts_file else None
-    if facts is not None and config.n_random_facts and not any(fact_pools(requests, facts)):
-        raise InputError(f"facts_file {config.facts_file}: no usable facts (all share an edit's prompt)")
+    pools = fact_pools(requests, facts, config.mode)
+    if facts is not None and config.n_random_facts and not any(pools):
+        raise InputError(f"facts_file {config.facts_file}: no usable facts (all are about a subject being edited)")
     prefixes = []
     if config.n_paraphrases:
         n = max(config.prefix_pool, config.n_paraphrases)
         prefixes = context_templates(model, tokenizer, n, config.prefix_length, config.seed)[1:]
-    return augment(requests, prefixes, fact_pools(requests, facts), config.n_paraphrases, config.n_random_facts,
-                   config.seed)
+    return augment(requests, prefixes, pools, config.n_paraphrases, config.n_random_facts, config.seed)
 
 
 # ------------------------------------------------------------------------------------------------ the loss
