@@ -59,9 +59,9 @@ zsre100() {
   run zsre100-emmet-mu0.001 100 zsre --data $ZSRE --limit 100 --method emmet --set mu=0.001
   run zsre100-rome 1 zsre --data $ZSRE --limit 100 --method rome
 }
-cf1000() {
-  run cf1000-memit 10,100,1000 counterfact --data $CF --limit 1000 --method memit
-  run cf1000-emmet-mu0.001 10,100,1000 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001
+cf1000() {  # 1000 edits at once (the curves' last point; batch sizes 1-100 come from cf100)
+  run cf1000-memit.b1000 1000 counterfact --data $CF --limit 1000 --method memit
+  run cf1000-emmet-mu0.001.b1000 1000 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001
 }
 
 stages=("$@")

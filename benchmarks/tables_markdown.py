@@ -35,11 +35,7 @@ COUNTERFACT = [  # (label, result file stem)
     ("LoRA, each edit alone", "cf100-lora-single"),
 ]
 COUNTERFACT_1000 = [
-    ("MEMIT, batch 10", "cf1000-memit.b10"),
-    ("MEMIT, batch 100", "cf1000-memit.b100"),
-    ("MEMIT, batch 1000", "cf1000-memit.b1000"),
-    ("EMMET μ = 0.001, batch 10", "cf1000-emmet-mu0.001.b10"),
-    ("EMMET μ = 0.001, batch 100", "cf1000-emmet-mu0.001.b100"),
+    ("MEMIT (= EMMET μ = 0.1, λ = 5000), batch 1000", "cf1000-memit.b1000"),
     ("EMMET μ = 0.001, batch 1000", "cf1000-emmet-mu0.001.b1000"),
 ]
 ZSRE = [
