@@ -184,5 +184,10 @@ def test_report_separates_settings_and_data_sizes(tmp_path):
     assert "| unedited | 0.400 |" in md and "| unedited | 0.330 |" in md
     assert "| emmet L2-3 mu=0.001 (batch 10, n=100) | 0.810 |" in md
     assert "| emmet L2-3 mu=0.1 (batch 100, n=100) | 0.920 |" in md
-    assert (tmp_path / "rep" / "counterfact_n100_scaling.png").is_file()
-    assert not (tmp_path / "rep" / "counterfact_n1000_scaling.png").exists()  # one size only: no curve
+    assert (tmp_path / "rep" / "counterfact_scaling.png").is_file()  # one curve figure across data sizes
+    from lmedit.evaluate.report import _sweeps, _variants
+
+    results = [json.loads(p.read_text()) for p in paths]
+    curves = _sweeps(results, _variants(results))
+    assert sorted(curves) == ["emmet L2-3 mu=0.001", "emmet L2-3 mu=0.1"]
+    assert sorted(r["batch_size"] for r in curves["emmet L2-3 mu=0.1"]) == [10, 100, 1000]

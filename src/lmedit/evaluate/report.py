@@ -118,6 +118,16 @@ def _sweep_plot(task: str, sweeps: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def _sweeps(results: list[dict], variants: dict[int, str]) -> dict[str, list[dict]]:
+    """Curves: per series, one result per batch size (the one on most records); only series with 2+ sizes."""
+    best: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in results:
+        points = best[_series(r, variants)]
+        if r["batch_size"] not in points or r["n"] > points[r["batch_size"]]["n"]:
+            points[r["batch_size"]] = r
+    return {k: list(v.values()) for k, v in best.items() if len(v) > 1}
+
+
 def build_report(paths: list[Path], out_dir: Path) -> Path:
     """Write out_dir/report.md and its PNGs; return the markdown path."""
     if not paths:
@@ -150,14 +160,15 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
         bars = out_dir / f"{stem}_metrics.png"
         _bar_plot(task, rows, bars, variants)
         lines += ["", f"![{task} metrics]({bars.name})", ""]
-        sweeps: dict[str, list[dict]] = defaultdict(list)
-        for r in rows:
-            sweeps[_series(r, variants)].append(r)
-        sweeps = {k: v for k, v in sweeps.items() if len({r["batch_size"] for r in v}) > 1}
+    for task in dict.fromkeys(t for t, _ in groups):
+        sweeps = _sweeps([r for r in results if r["task"] == task], variants)
         if sweeps:
-            curve = out_dir / f"{stem}_scaling.png"
+            curve = out_dir / f"{task}_scaling.png"
             _sweep_plot(task, sweeps, curve)
-            lines += [f"![{task} metric vs number of edits]({curve.name})", ""]
+            lines += [f"## {task}: metrics against the number of edits made at once", "",
+                      "Each point: B edits applied together, averaged over the batches of its run (runs on "
+                      "different numbers of records share a curve; at equal B the run on more records is used).",
+                      "", f"![{task} metric vs number of edits]({curve.name})", ""]
     md = out_dir / "report.md"
     atomic_write_bytes(md, "\n".join(lines).encode())
     return md
