@@ -105,9 +105,10 @@ def _sweep_plot(task: str, sweeps: dict[str, list[dict]], path: Path) -> None:
     metrics = METRICS[task]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), sharey=True)
     for ax, metric in zip(axes, metrics):
-        for label, rs in sweeps.items():
+        for i, (label, rs) in enumerate(sweeps.items()):  # styles differ so that identical curves stay visible
             rs = sorted(rs, key=lambda r: r["batch_size"])
-            ax.plot([r["batch_size"] for r in rs], [r["metrics"].get(metric) or 0 for r in rs], marker="o", label=label)
+            ax.plot([r["batch_size"] for r in rs], [r["metrics"].get(metric) or 0 for r in rs], label=label,
+                    marker="os^dv"[i % 5], linestyle=("-", "--", ":", "-.")[i % 4], markersize=7 - i % 3)
         ax.set_xscale("log")
         ax.set_title(metric)
         ax.set_xlabel("edits per batch")
