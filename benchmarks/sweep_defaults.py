@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/sweep_defaults.py --limit 100 --grid memit
     .venv/bin/python benchmarks/sweep_defaults.py --limit 30 --grid rome
     .venv/bin/python benchmarks/sweep_defaults.py --limit 50 --grid ft
+    .venv/bin/python benchmarks/sweep_defaults.py --limit 50 --grid lora
 
 v* depends only on the requests, the last edit layer and the value settings, so configurations that differ
 only in solver knobs (λ, μ, earlier layers) reuse it (lmedit's ValueStore), and the unedited model is scored
@@ -33,6 +34,7 @@ GRIDS = {
     + [(f"ft-conditional lr={lr} m=2 r=2", "ft-conditional", None,
         {"lr": lr, "n_paraphrases": "2", "n_random_facts": "2", "facts_file": str(TRAIN)}) for lr in ("5e-4", "2e-3")]
     + [("lora lr=2e-3", "lora", None, {"lr": "2e-3"})],
+    "lora": [(f"lora lr={lr}", "lora", None, {"lr": lr}) for lr in ("5e-3", "1e-2", "3e-2")],
 }
 
 
