@@ -29,6 +29,7 @@ COUNTERFACT = [  # (label, result file stem)
     ("FT-conditional, mass 100", "cf100-ftc"),
     ("FT-conditional + augmentation (m = r = 2), mass 100", "cf100-ftc-aug"),
     ("LoRA, mass 100", "cf100-lora"),
+    ("LoRA at lr 1e-3 (before the sweep), mass 100", "cf100-lora-lr1e-3"),
     ("FT, each edit alone", "cf100-ft-single"),
     ("FT-conditional, each edit alone", "cf100-ftc-single"),
     ("FT-conditional + augmentation, each edit alone", "cf100-ftc-aug-single"),
