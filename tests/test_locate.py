@@ -413,8 +413,22 @@ def test_value_store_reuses_only_on_the_same_model_state(tiny, tokenizer, tmp_pa
     assert torch.equal(again.values(model, tok, REQUESTS, 2, templates, VALUE, progress=False).delta, both.delta)
     assert (again.hits, again.misses) == (3, 0)
 
+    # another checkpoint with the same MLP outputs (here: one attention weight changed) never hits the disk entries
+    attn = next(p for n, p in model.named_parameters() if "attn" in n and p.dim() == 2)
+    saved = attn.detach().clone()
+    with torch.no_grad():
+        attn.add_(0.05)
+    try:
+        other_model = ValueStore(model, tmp_path / "values")
+        other_model.values(model, tok, REQUESTS[:1], 2, templates, VALUE, progress=False)
+        assert (other_model.hits, other_model.misses) == (0, 1)
+    finally:
+        with torch.no_grad():
+            attn.copy_(saved)
+
     # once an MLP output projection changes, the store is bypassed: v* is computed on the model as it is now
     W = mlp_out_module(model, 0)
+    saved = W.weight.detach().clone()
     with torch.no_grad():
         W.weight.add_(0.05)
     try:
@@ -423,7 +437,7 @@ def test_value_store_reuses_only_on_the_same_model_state(tiny, tokenizer, tmp_pa
         assert not torch.equal(edited.v0[0], first.v0[0])
     finally:
         with torch.no_grad():
-            W.weight.sub_(0.05)
+            W.weight.copy_(saved)  # bit-exact: the module-scoped model is shared with later tests
 
 
 def test_rome_reuses_values_only_for_its_first_edit(tiny, tokenizer, tmp_path):

@@ -7,8 +7,8 @@ the same v*. A store is bound to one model state: it is consulted only while the
 (the only weights a locate-then-edit patch changes) hash to the state it was opened on, so sequential runs
 and ROME's one-after-another edits compute v* afresh once the model carries an edit.
 
-Entries are small safetensors files under `cache_dir()/values/<model state>/`, written atomically, so they
-also survive across runs. Batched and one-by-one optimisation agree exactly in float64 and to float32
+Entries are small safetensors files under `cache_dir()/values/<hash of all weights>/`, written atomically,
+so they also survive across runs. Batched and one-by-one optimisation agree exactly in float64 and to float32
 rounding otherwise (see the values tests); a run records how many v* it reused.
 """
 
@@ -47,7 +47,10 @@ class ValueStore:
     def __init__(self, model, root: Path | None = None, block: int = 128):
         self.state = model_state(model)
         self.block = block  # requests optimised (and saved) together; as fast as larger blocks (values.py chunks)
-        self.root = None if root is None else Path(root) / self.state[:24]
+        # On disk the entries outlive this process, so they are keyed by every weight of the model (hashed once
+        # here), not only the MLP outputs checked per call: another checkpoint that shares those never hits.
+        whole = fingerprint(model, [n for n, _ in model.named_parameters()])
+        self.root = None if root is None else Path(root) / whole[:24]
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
         self.hits = 0
         self.misses = 0
