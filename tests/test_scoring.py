@@ -234,15 +234,21 @@ def test_greedy_continuations_are_padding_invariant(model, tokenizer):
 
 
 def test_targets_of_one_prompt_share_its_forward(model, tokenizer):
-    """Two targets of one prompt: the prompt runs once (prefix pass of 1 row), each target on its cache."""
+    """Three targets of one prompt: the whole prompt runs once (1 row) and predicts every target's first token;
+    only the targets of two tokens or more run again, on its cache."""
+    from lmedit.locate.prompts import encode_continuation, join_prompt_target
+
     rows_seen = []
     handle = body(model).register_forward_hook(lambda mod, args, kwargs, out: rows_seen.append(
         kwargs["input_ids"].shape[0]), with_kwargs=True)
-    pairs = [("The capital of France is", "Paris"), ("The capital of France is", "Rome")]
+    prompt = "The capital of France is"
+    pairs = [(prompt, "Paris"), (prompt, "Rome"), (prompt, "the city of Rome and Milan")]
+    lengths = [len(encode_continuation(tokenizer, join_prompt_target(prompt, t)[1])) for _, t in pairs]
+    assert lengths[2] > 1  # the suffix pass is exercised
     try:
         got = continuation_logprobs(model, tokenizer, pairs)
     finally:
         handle.remove()
-    assert rows_seen == [1, 2]
+    assert rows_seen == [1, sum(n > 1 for n in lengths)]
     for pair, row in zip(pairs, got):
         assert row == pytest.approx(direct(model, tokenizer, *pair)[0], abs=1e-5)

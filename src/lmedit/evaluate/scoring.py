@@ -102,39 +102,50 @@ def top1_match(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int =
 def _score_chunk(model: nn.Module, chunk: list, prompts: list[str], pad_id: int, device):
     """Per-token log-probs and argmaxes of the targets of `chunk` (Scored rows).
 
-    Each distinct prompt (all but its last token) runs once, left-padded, into a KV cache; every row then runs
-    only [last prompt token] + target[:-1], right-padded, on its prompt's cache. Position ids follow the real
-    tokens, so the numbers equal a plain forward of prompt + target.
+    Each distinct prompt runs once, whole and left-padded, into a KV cache; its last position predicts the first
+    token of every target of that prompt. Only targets of two tokens or more run again: target[:-1], right-padded,
+    on their prompt's cache. Position ids follow the real tokens, so the numbers equal a plain forward of
+    prompt + target, and a prompt with k one-token targets costs one pass of its own tokens instead of k.
     """
     distinct = list(dict.fromkeys(prompts))
     if len(distinct) == len(chunk):  # nothing shared: one plain right-padded pass is cheaper
         ids, mask = right_pad([s.ids for s in chunk], pad_id, device)
         hidden = body(model)(input_ids=ids, attention_mask=mask).last_hidden_state
-        return _gather(model, chunk, hidden, [s.first_target_pos for s in chunk], device)
-    which = torch.tensor([distinct.index(p) for p in prompts], device=device)
+        at = [(r, s.first_target_pos + j) for r, s in enumerate(chunk) for j in range(len(s.target_ids))]
+        return _gather(model, chunk, hidden[tuple(torch.tensor(c, device=device) for c in zip(*at))], device)
+    slot = {p: i for i, p in enumerate(distinct)}
+    which = [slot[p] for p in prompts]
     heads = {}
     for s, p in zip(chunk, prompts):
-        heads.setdefault(p, s.ids[: s.first_target_pos])  # the prompt without its last token
+        heads.setdefault(p, s.ids[: s.first_target_pos + 1])  # the whole prompt
+    longer = [r for r, s in enumerate(chunk) if len(s.target_ids) > 1]
     prefix = SplitBatch.build([heads[p] for p in distinct], [len(heads[p]) for p in distinct], pad_id, device)
-    suffix = SplitBatch.build([s.ids[s.first_target_pos:] for s in chunk], [0] * len(chunk), pad_id, device)
-    kv = None
-    if prefix.prefix_ids.shape[1] > 0:
-        out = body(model)(input_ids=prefix.prefix_ids, attention_mask=prefix.prefix_mask,
-                          position_ids=(prefix.prefix_mask.cumsum(1) - 1).clamp(min=0),
-                          past_key_values=DynamicCache(), use_cache=True)
-        kv = DynamicCache(ddp_cache_data=[(layer.keys[which], layer.values[which]) for layer in out.past_key_values.layers])
-    prefix_mask = prefix.prefix_mask[which]
-    positions = prefix_mask.sum(1, keepdim=True) + torch.arange(suffix.suffix_ids.shape[1], device=device)
-    hidden = body(model)(input_ids=suffix.suffix_ids, attention_mask=torch.cat([prefix_mask, suffix.suffix_mask], 1),
-                         position_ids=positions, past_key_values=kv, use_cache=kv is not None).last_hidden_state
-    return _gather(model, chunk, hidden, [0] * len(chunk), device)
+    out = body(model)(input_ids=prefix.prefix_ids, attention_mask=prefix.prefix_mask,
+                      position_ids=(prefix.prefix_mask.cumsum(1) - 1).clamp(min=0),
+                      past_key_values=DynamicCache() if longer else None, use_cache=bool(longer))
+    flat = [out.last_hidden_state[:, -1]]  # (distinct, d): left-padded, so the last column is each prompt's end
+    rest_at: dict[int, int] = {}
+    if longer:
+        take = torch.tensor([which[r] for r in longer], device=device)
+        kv = DynamicCache(ddp_cache_data=[(layer.keys[take], layer.values[take])
+                                          for layer in out.past_key_values.layers])
+        suffix = SplitBatch.build([chunk[r].ids[chunk[r].first_target_pos + 1:] for r in longer], [0] * len(longer),
+                                  pad_id, device)
+        prefix_mask = prefix.prefix_mask[take]
+        width = suffix.suffix_ids.shape[1]
+        positions = prefix_mask.sum(1, keepdim=True) + torch.arange(width, device=device)
+        rest = body(model)(input_ids=suffix.suffix_ids, attention_mask=torch.cat([prefix_mask, suffix.suffix_mask], 1),
+                           position_ids=positions, past_key_values=kv, use_cache=True).last_hidden_state
+        flat.append(rest.reshape(-1, rest.shape[-1]))
+        rest_at = {r: len(distinct) + k * width for k, r in enumerate(longer)}
+    # target token j of row r: j = 0 from its prompt's last position, j ≥ 1 from column j − 1 of its suffix row
+    index = [which[r] if j == 0 else rest_at[r] + j - 1 for r, s in enumerate(chunk) for j in range(len(s.target_ids))]
+    return _gather(model, chunk, torch.cat(flat)[torch.tensor(index, device=device)], device)
 
 
-def _gather(model: nn.Module, chunk: list, hidden: torch.Tensor, first: list[int], device):
-    """Log-probs and argmaxes at the target positions; row r's first target is predicted at column first[r]."""
-    row_index = [r for r, s in enumerate(chunk) for _ in s.target_ids]
-    pos_index = [f + j for f, s in zip(first, chunk) for j in range(len(s.target_ids))]
-    logits = unembed(model, hidden[torch.tensor(row_index, device=device), torch.tensor(pos_index, device=device)])
+def _gather(model: nn.Module, chunk: list, hidden: torch.Tensor, device):
+    """Log-probs and argmaxes of the targets of `chunk` from `hidden`: one row per target token, in chunk order."""
+    logits = unembed(model, hidden)
     logits = logits.float()
     targets = torch.tensor([t for s in chunk for t in s.target_ids], device=device)
     tok_logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].cpu().tolist()
