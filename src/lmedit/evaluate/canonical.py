@@ -43,8 +43,9 @@ from torch import nn
 
 from lmedit.errors import InputError
 from lmedit.fileio import iter_jsonl
-from lmedit.locate.batching import body, inference, unembed
-from lmedit.locate.prompts import encode, encode_continuation
+from lmedit.locate.batching import body, unembed
+from lmedit.evaluate.scoring import check_batch_size, score_rows
+from lmedit.locate.prompts import Scored, encode, encode_continuation
 
 Kind = Literal["raise", "lower", "balance", "prefer"]
 KINDS: tuple[str, ...] = ("raise", "lower", "balance", "prefer")
@@ -253,6 +254,15 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
+def _check_width(model: nn.Module, encoded: Sequence[tuple[list[int], list[int]]]) -> int:
+    """The longest prefix + suffix input; an example longer than the model's positions is bad input."""
+    limit = max_positions(model)
+    width = max(len(p) + len(s) - 1 for p, s in encoded)
+    if limit is not None and width > limit:
+        raise InputError(f"an example is {width} tokens long, more than this model's {limit} positions")
+    return width
+
+
 def _forward(model: nn.Module, encoded: Sequence[tuple[list[int], list[int]]], pad_id: int,
              chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """One right-padded forward; per row the summed log-prob of its suffix tokens and their number.
@@ -260,10 +270,7 @@ def _forward(model: nn.Module, encoded: Sequence[tuple[list[int], list[int]]], p
     Differentiable when grad is enabled. Only the suffix positions go through the unembedding (in chunks of
     `chunk` positions), and log_softmax runs in float32."""
     device = next(model.parameters()).device
-    limit = max_positions(model)
-    width = max(len(p) + len(s) - 1 for p, s in encoded)
-    if limit is not None and width > limit:
-        raise InputError(f"an example is {width} tokens long, more than this model's {limit} positions")
+    width = _check_width(model, encoded)
     n = len(encoded)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
@@ -308,25 +315,19 @@ def suffix_logprobs(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]
 def score_suffixes(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[float]:
     """No-grad scorer: summed log P(suffix | prefix) per pair, in the order of `pairs`.
 
-    Identical pairs are scored once, rows are sorted by length before batching (less padding), the model is in
-    eval mode while scoring; `batch_size` changes no number beyond float32 rounding."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+    Through the shared scorer (evaluate/scoring.py): identical pairs are scored once, rows are sorted by length
+    before batching, and the two suffixes of one prefix (balance, prefer) share its forward pass; `batch_size`
+    changes no number beyond float32 rounding."""
+    check_batch_size(batch_size)
     pairs = [(p, s) for p, s in pairs]
     unique = list(dict.fromkeys(pairs))
     if not unique:
         return []
     encoded = [_encode_pair(tokenizer, p, s) for p, s in unique]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
-    out = [0.0] * len(encoded)
-    pad = _pad_id(tokenizer)
-    with inference(model):
-        for lo in range(0, len(order), batch_size):
-            chunk = order[lo:lo + batch_size]
-            sums, _ = _forward(model, [encoded[i] for i in chunk], pad)
-            for i, v in zip(chunk, sums.cpu().tolist()):
-                out[i] = v
-    by_pair = dict(zip(unique, out))
+    _check_width(model, encoded)
+    rows = [Scored(p + s[:-1], s, len(p) - 1) for p, s in encoded]
+    scores = score_rows(model, tokenizer, rows, batch_size)
+    by_pair = {pair: float(sum(sc.logprobs)) for pair, sc in zip(unique, scores)}
     return [by_pair[p] for p in pairs]
 
 

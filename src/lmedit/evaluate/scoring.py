@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from lmedit.errors import InputError
 from lmedit.locate.batching import SplitBatch, body, inference, right_pad, unembed
-from lmedit.locate.prompts import encode, with_target
+from lmedit.locate.prompts import Scored, encode, with_target
 
 Pair = tuple[str, str]
 
@@ -36,11 +36,15 @@ class PairScore:
     top1: tuple[int, ...]
 
 
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
 def score_pairs(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int = 64,
                 progress: bool = False) -> list[PairScore]:
     """Score every (prompt, target) pair; the result is in the order of `pairs`."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     pairs = [(p, t) for p, t in pairs]
     unique = list(dict.fromkeys(pairs))  # dedup, first-seen order
     if not unique:
@@ -56,22 +60,31 @@ def score_pairs(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int 
                 raise InputError(f"prompt {prompt!r} tokenizes to nothing: there is no position to predict from")
             prompt_ids[prompt] = ids
         rows.append(with_target(prompt_ids[prompt], tokenizer, prompt, target))
+    results = score_rows(model, tokenizer, rows, batch_size, progress)
+    by_pair = dict(zip(unique, results))
+    return [by_pair[p] for p in pairs]
+
+
+def score_rows(model: nn.Module, tokenizer, rows: list[Scored], batch_size: int = 64,
+               progress: bool = False) -> list[PairScore]:
+    """Score encoded rows (prompt ids + target ids[:-1]); rows with the same prompt ids share its forward pass."""
+    check_batch_size(batch_size)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    heads = [tuple(r.ids[: r.first_target_pos + 1]) for r in rows]
     results: list[PairScore | None] = [None] * len(rows)
     # Rows of one prompt sit together, so a batch runs each prompt once (its KV cache shared by its targets).
-    order = sorted(range(len(rows)), key=lambda i: (len(unique[i][0]), unique[i][0], len(rows[i].ids)))
+    order = sorted(range(len(rows)), key=lambda i: (len(heads[i]), heads[i], len(rows[i].ids)))
     with inference(model), tqdm(total=len(rows), desc="scoring", unit="pair", disable=not progress,
                                 leave=False) as bar:
         for lo in range(0, len(order), batch_size):
             chunk = order[lo:lo + batch_size]
-            logp_rows, top1_rows = _score_chunk(model, [rows[i] for i in chunk],
-                                                [unique[i][0] for i in chunk], pad_id, device)
+            logp_rows, top1_rows = _score_chunk(model, [rows[i] for i in chunk], [heads[i] for i in chunk],
+                                                pad_id, device)
             for i, lp, t1 in zip(chunk, logp_rows, top1_rows):
                 results[i] = PairScore(tuple(rows[i].target_ids), tuple(lp), tuple(t1))
             bar.update(len(chunk))
-    by_pair = dict(zip(unique, results))
-    return [by_pair[p] for p in pairs]
+    return results
 
 
 def continuation_logprobs(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int = 64,
@@ -99,7 +112,7 @@ def top1_match(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int =
             for s in score_pairs(model, tokenizer, pairs, batch_size, progress)]
 
 
-def _score_chunk(model: nn.Module, chunk: list, prompts: list[str], pad_id: int, device):
+def _score_chunk(model: nn.Module, chunk: list, prompts: list, pad_id: int, device):
     """Per-token log-probs and argmaxes of the targets of `chunk` (Scored rows).
 
     Each distinct prompt runs once, whole and left-padded, into a KV cache; its last position predicts the first
