@@ -249,6 +249,35 @@ def test_degradation_budget_keeps_the_last_epoch_within_it(tiny, tmp_path, metho
     assert abs(kept - losses[broken]) < 1e-4  # the weights after the last epoch within the budget (or W₀)
 
 
+def test_budget_measures_the_loss_before_training_once_per_model_state(tiny, tmp_path, monkeypatch):
+    """Single editing restores W₀ before every edit: the general-text loss before training is measured once,
+    and measured again as soon as any weight differs."""
+    from lmedit.editors import finetune
+
+    model, tok = tiny.model, tiny.tokenizer
+    corpus = tmp_path / "general.txt"
+    corpus.write_text("\n\n".join(r.prompt for r in REQUESTS))
+    config = FinetuneConfig(**dict(FAST, budget=0.5, budget_corpus=str(corpus), budget_docs=2))
+    finetune._LOSS_BEFORE.clear()
+    calls = []
+    measure = finetune.Budget.measure
+    monkeypatch.setattr(finetune.Budget, "measure", lambda self: calls.append(1) or measure(self))
+    params = {"w": next(p for n, p in model.named_parameters() if "mlp" in n and p.dim() == 2)}
+    bump = 0.1 * torch.randn(params["w"].shape, generator=torch.Generator().manual_seed(0))
+    first = finetune.Budget(model, tok, config, params)
+    second = finetune.Budget(model, tok, config, params)
+    assert len(calls) == 1 and first.losses == second.losses
+    original = params["w"].detach().clone()
+    with torch.no_grad():
+        params["w"].add_(bump)
+    try:
+        third = finetune.Budget(model, tok, config, params)
+    finally:
+        with torch.no_grad():
+            params["w"].copy_(original)  # the shared tiny model goes back bit for bit
+    assert len(calls) == 2 and third.losses[0] != first.losses[0]
+
+
 def test_single_mode_sums_independent_edits(tiny):
     model, tok = tiny.model, tiny.tokenizer
     fn = get_editor("ft-conditional").fn

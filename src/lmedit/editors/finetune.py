@@ -285,6 +285,9 @@ def _kl(model, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (kl * batch.attention_mask).sum() / batch.attention_mask.sum()
 
 
+_LOSS_BEFORE: dict[tuple, float] = {}  # (hash of every weight, corpus, docs, tokens) → loss
+
+
 class Budget:
     """The degradation budget (DESIGN §5, §8): per-token loss on general text may rise by at most a factor 1 + ε.
     Measured before training and after every epoch; the weights of the last epoch within it are kept."""
@@ -294,7 +297,14 @@ class Budget:
 
         self.model, self.tokenizer, self.config, self.params = model, tokenizer, config, params
         self.texts = list(get_corpus(config.budget_corpus).documents[:config.budget_docs])
-        self.losses = [self.measure()]
+        # Single editing starts every edit from the same W₀: its loss before training is measured once.
+        key = (fingerprint(model, [n for n, _ in model.named_parameters()]), config.budget_corpus,
+               config.budget_docs, config.budget_tokens)
+        if key not in _LOSS_BEFORE:
+            while len(_LOSS_BEFORE) >= 8:
+                _LOSS_BEFORE.pop(next(iter(_LOSS_BEFORE)))
+            _LOSS_BEFORE[key] = self.measure()
+        self.losses = [_LOSS_BEFORE[key]]
         self.limit = (1 + config.budget) * self.losses[0]
         self.kept = self.snapshot()
 
