@@ -171,3 +171,55 @@ def test_help_lists_every_registered_method():
     source = Path(cli.__file__).read_text()
     for name in editor_names():
         assert name in source.split('MethodOpt = typer.Option("memit", help="')[1].split('")')[0]
+
+
+@pytest.mark.slow
+def test_export_gguf_round_trip(smol, tmp_path, monkeypatch, capsys):
+    """A patch on an MLP output and on q/k (whose rows llama.cpp stores in another order) exported as GGUF
+    loads back, through transformers' GGUF reader, to the edited weights exactly and the same next-token logits;
+    the untouched tensors keep the source's 4-bit type byte for byte."""
+    import gguf
+    import torch
+
+    from lmedit.models.loading import gguf_source, load_model
+    from lmedit.patches import Delta, Patch
+
+    model = smol.model
+    names = ["model.layers.4.mlp.down_proj.weight", "model.layers.3.self_attn.q_proj.weight",
+             "model.layers.3.self_attn.k_proj.weight"]
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    deltas = {n: Delta(left=0.05 * torch.randn(params[n].shape[0], 2, generator=g),
+                       right=torch.randn(2, params[n].shape[1], generator=g)) for n in names}
+    Patch.build(model, deltas, method="test").save(tmp_path / "p")
+    out = tmp_path / "edited.gguf"
+    monkeypatch.setattr(sys, "argv", ["lmedit", "export", "--patch", str(tmp_path / "p"), "--out", str(out)])
+    cli.main()  # returns on success
+    assert "3 edited tensor(s) in f32" in capsys.readouterr().out
+    ids = torch.tensor([[504, 3575, 282, 4649, 314]])
+    with Patch.load(tmp_path / "p").apply(model), torch.no_grad():
+        edited = {n: params[n].detach().clone() for n in names}
+        want = model(input_ids=ids).logits
+    loaded = load_model(str(out)).model
+    theirs = dict(loaded.named_parameters())
+    for n in names:
+        assert torch.equal(theirs[n], edited[n]), n
+        assert not torch.equal(theirs[n], params[n]), n  # the edit is in the file
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    source = {t.name: t for t in gguf.GGUFReader(gguf_source("smollm2-135m")).tensors}
+    written = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert written.keys() == source.keys()
+    assert written["blk.4.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert written["blk.5.ffn_down.weight"].tensor_type == source["blk.5.ffn_down.weight"].tensor_type
+    assert bytes(written["blk.5.ffn_down.weight"].data) == bytes(source["blk.5.ffn_down.weight"].data)
+
+
+def test_export_gguf_needs_a_gguf_model(tmp_path, monkeypatch, capsys):
+    code, err = run_cli(monkeypatch, capsys, "export", "--patch", str(tmp_path / "p"), "--out",
+                        str(tmp_path / "x.gguf"), "--model", str(tmp_path))
+    assert_one_line_error(code, err, "GGUF export rewrites the GGUF file", "convert_hf_to_gguf")
+    code, err = run_cli(monkeypatch, capsys, "export", "--patch", str(tmp_path / "p"), "--out",
+                        str(tmp_path / "x.gguf"), "--gguf-type", "q4")
+    assert_one_line_error(code, err, "--gguf-type must be one of f32, f16")
+    assert not (tmp_path / "x.gguf").exists()

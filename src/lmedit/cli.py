@@ -288,20 +288,39 @@ def stats_inspect(model: str = ModelOpt,
 
 @app.command()
 def export(patch: Path = typer.Option(..., "--patch", "-p", help="patch directory"),
-           out: Path = typer.Option(..., "--out", "-o", help="output HF model directory"),
+           out: Path = typer.Option(..., "--out", "-o", help="output: an HF model directory, or FILE.gguf"),
            model: str = ModelOpt,
+           gguf_type: str = typer.Option("f32", "--gguf-type", help="type of the edited tensors in a .gguf output: "
+                                         "f32 (exact) or f16; the others keep the source's own quantisation"),
            force: bool = ForceOpt) -> None:
-    """Apply a patch and write the edited model as a Hugging Face directory.
+    """Apply a patch and write the edited model: as a Hugging Face directory, or (OUT ending in .gguf) as a GGUF
+    file for llama.cpp-based tools, copied from the GGUF the model was loaded from with the edited tensors
+    replaced, and checked by loading it back.
 
     Example: lmedit export --patch my-patch --out edited-model
+             lmedit export --patch my-patch --out edited.gguf
     """
     from lmedit.fileio import AtomicDirectory, check_writable
+    from lmedit.models.gguf_export import GGUF_TYPES, export_gguf
+    from lmedit.models.loading import gguf_source
     from lmedit.patches import Patch
 
     check_writable(out, force)
+    to_gguf = out.suffix == ".gguf"
+    if to_gguf and gguf_type not in GGUF_TYPES:
+        raise InputError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    source = gguf_source(model) if to_gguf else None
+    if to_gguf and source is None:
+        raise InputError(f"GGUF export rewrites the GGUF file a model was loaded from, and {model} is not one: "
+                         "export an HF directory and convert it with llama.cpp's convert_hf_to_gguf.py")
     p = Patch.load(patch)
     lm = _load(model)
     p.apply(lm.model)  # refuses a different base model
+    if to_gguf:
+        info = export_gguf(lm.model, source, out, sorted(p.deltas), gguf_type)
+        console.print(f"wrote {out} ({info['bytes'] / 2**20:.1f} MiB): {len(info['replaced'])} edited tensor(s) "
+                      f"in {gguf_type}, the rest as in {source.name}; reloaded, max |Δ| {info['max_abs_diff']:.2g}")
+        return
     with AtomicDirectory(out, force=force) as tmp:
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)

@@ -67,6 +67,13 @@ def _embedded_gguf(name: str) -> Path:
     return path
 
 
+def gguf_source(spec: str) -> Path | None:
+    """The GGUF file a model spec is loaded from (the embedded model's own file), or None for HF models."""
+    if spec in EMBEDDED:
+        return _embedded_gguf(spec)
+    return Path(spec) if Path(spec).suffix == ".gguf" else None
+
+
 def _load_hf_dir(path: Path | str, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
