@@ -345,6 +345,8 @@ def report(results: list[Path] = typer.Argument(..., help="result JSON files fro
 
 from lmedit.cli_canonical import register_canonical  # noqa: E402  (registers `eval canonical`)
 register_canonical(eval_app)
+from lmedit.cli_trace import register_trace  # noqa: E402  (registers `trace`)
+register_trace(app)
 
 
 def main() -> None:

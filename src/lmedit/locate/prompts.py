@@ -18,20 +18,23 @@ def encode_continuation(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def subject_last_token(tokenizer, text: str, subject: str) -> tuple[list[int], int]:
-    """(ids of `text`, index of the last token of the last occurrence of `subject`) — the edit point."""
+def subject_tokens(tokenizer, text: str, subject: str) -> tuple[list[int], int, int]:
+    """(ids of `text`, index of the first and of the last token of the last occurrence of `subject`)."""
     start = text.rfind(subject)
     if start < 0:
         raise InputError(f"subject {subject!r} does not occur in the prompt {text!r}")
     end = start + len(subject)
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    last = None
-    for i, (s, e) in enumerate(enc["offset_mapping"]):
-        if e > s and s < end:
-            last = i
-    if last is None:
+    inside = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < end and e > start]
+    if not inside:
         raise InputError(f"cannot find the tokens of subject {subject!r} in {text!r}")
-    return list(enc["input_ids"]), last
+    return list(enc["input_ids"]), inside[0], inside[-1]
+
+
+def subject_last_token(tokenizer, text: str, subject: str) -> tuple[list[int], int]:
+    """(ids of `text`, index of the last token of the last occurrence of `subject`) — the edit point."""
+    ids, _, last = subject_tokens(tokenizer, text, subject)
+    return ids, last
 
 
 @dataclass(frozen=True)
