@@ -244,3 +244,39 @@ def test_upper_block_gram_equals_the_full_product():
         add_gram_upper(acc, k)
         torch.testing.assert_close(acc, (k.double().T @ k.double()), atol=1e-4, rtol=1e-5)
         assert torch.equal(acc, acc.T)
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str, n: int, tokenizer_dir: str) -> None:
+    """One torchrun-style rank: the same tiny model and corpus, its share of the batches, all-reduced sums."""
+    import torch.distributed as dist
+    from conftest import tiny_config
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok))).to(torch.float32).eval()
+        got = compute_second_moments(model, tok, LAYERS, Corpus("t", DOCS), n, batch_size=2, progress=False)
+        save_file({str(l): C.contiguous() for l, C in got.items()}, f"{out_dir}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_under_torch_distributed_give_the_single_process_c(llama, tokenizer, tmp_path):
+    """Two gloo ranks, each running every other batch of the same stream and all-reducing the float64 sums,
+    give the C of one process (token budget cut mid-batch included) to float64 rounding, on every rank."""
+    import torch.multiprocessing as mp
+    from conftest import SMOL_DIR
+    from safetensors.torch import load_file
+
+    n = sum(len(tokenizer(d)["input_ids"]) for d in DOCS) - 7  # the cut falls inside the last batch
+    single = compute_second_moments(llama.model, tokenizer, LAYERS, Corpus("t", DOCS), n, batch_size=2,
+                                    progress=False)
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path), n, str(SMOL_DIR)), nprocs=2, join=True)
+    for rank in range(2):
+        got = load_file(tmp_path / f"rank{rank}.safetensors")
+        for l in LAYERS:
+            torch.testing.assert_close(got[str(l)], single[l], rtol=1e-12, atol=1e-15)

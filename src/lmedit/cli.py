@@ -47,7 +47,14 @@ def _load(spec: str):
 
     _quiet_transformers()
     with console.status(f"loading {spec}"):
-        return load_model(spec)
+        lm = load_model(spec)
+    device = os.environ.get("LMEDIT_DEVICE")  # e.g. cuda, cuda:1 (every step follows the model's device)
+    if device:
+        try:
+            lm.model.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise InputError(f"LMEDIT_DEVICE={device!r}: {str(e).splitlines()[0]}") from None
+    return lm
 
 
 def _parse_sets(sets: Optional[list[str]]) -> dict:
@@ -234,14 +241,19 @@ def stats_compute(model: str = ModelOpt,
                   corpus: str = typer.Option("wiki", help="'wiki' (offline default), a text/JSONL file, or hf:NAME"),
                   tokens: int = typer.Option(100_000, help="number of tokens to average over")) -> None:
     """Compute and cache C = E(k kᵀ) at the input of the MLP output projections (one pass for all layers).
+    Under torchrun the ranks share the pass (each runs every world-th batch; the sums are all-reduced).
 
     Example: lmedit stats compute --layers 2,3,4,5,6 --tokens 100000
+             torchrun --nproc-per-node 4 -m lmedit.cli stats compute --layers 2,3,4,5,6 --tokens 10000000
     """
-    from lmedit.stats.moments import load_or_compute, stats_path
+    from lmedit.stats.moments import join_process_group, load_or_compute, stats_path
 
     if tokens <= 0:
         raise InputError(f"--tokens must be positive, got {tokens}")
+    device = join_process_group()
     lm = _load(model)
+    if device is not None:
+        lm.model.to(device)
     wanted = _parse_layers(layers)
     load_or_compute(lm.model, lm.tokenizer, wanted, corpus, tokens, announce=console.print)
     from lmedit.stats.corpora import corpus_id

@@ -1,5 +1,8 @@
 """Streaming uncentred second moment C = E[k kᵀ] of the keys at the input of W, for several layers in one pass.
 
+Under torch.distributed (e.g. `torchrun --nproc-per-node 4 -m lmedit.cli stats compute ...`) each rank runs every
+world-th batch of the same token stream and the float64 sums are all-reduced: the same tokens, the same C.
+
 Each batch's kᵀk is formed in the model's dtype and added to a float64 running sum, so the hot loop costs
 one matrix product per layer while the long sum keeps full precision. The pass stops after the highest
 requested layer (the layers above do not change the keys). Sums are checkpointed so an interrupted pass
@@ -87,12 +90,15 @@ def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpu
     d_in = mlp_out_dims(model, layers[0])[1]
     sums = {l: torch.zeros(d_in, d_in, dtype=torch.float64, device=device) for l in layers}
     count, start_doc = 0, 0
+    rank, world = shard()
+    if checkpoint is not None and world > 1:
+        checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}-of-{world}{checkpoint.suffix}")
     if checkpoint is not None and checkpoint.is_file():
         state = load_file(checkpoint)
         sums = {l: state[f"sum.{l}"].to(device) for l in layers}
         count, start_doc = int(state["count"].item()), int(state["next_doc"].item())
     bar = tqdm(total=n_tokens, initial=min(count, n_tokens), desc=f"statistics ({corpus.id}, layers {layers})",
-               unit="tok", disable=not progress)
+               unit="tok", disable=not progress or rank != 0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
         for b, (next_doc, batch) in enumerate(_batches(tokenizer, corpus, start_doc, seq_len, batch_size)):
@@ -102,12 +108,13 @@ def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpu
             # Count exactly n_tokens: drop tokens past the budget (in reading order).
             flat_keep = mask.flatten().cumsum(0) <= (n_tokens - count)
             keep = (mask.flatten().bool() & flat_keep).view_as(mask).to(device)
-            with capture_io(modules, inputs=True, stop_after=str(layers[-1])) as store:
-                run_until_stop(lambda: model(input_ids=ids.to(device), attention_mask=mask.to(device)))
-            for l in layers:
-                k = store[str(l)]["input"][keep]  # (tokens, d_in)
-                add_gram_upper(sums[l], k)
-            added = int(keep.sum())
+            if b % world == rank:  # under torch.distributed each rank runs every world-th batch
+                with capture_io(modules, inputs=True, stop_after=str(layers[-1])) as store:
+                    run_until_stop(lambda: model(input_ids=ids.to(device), attention_mask=mask.to(device)))
+                for l in layers:
+                    k = store[str(l)]["input"][keep]  # (tokens, d_in)
+                    add_gram_upper(sums[l], k)
+            added = int(keep.sum())  # every rank tokenizes every batch, so all agree on the count and the cut
             count += added
             bar.update(added)
             if checkpoint is not None and (b + 1) % checkpoint_every == 0:
@@ -115,9 +122,40 @@ def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpu
     bar.close()
     if count < n_tokens:
         raise InputError(f"corpus {corpus.id} has only {count} tokens, fewer than the {n_tokens} asked for")
+    if world > 1:
+        import torch.distributed as dist
+
+        for l in layers:
+            dist.all_reduce(sums[l])  # Σ over ranks of their batches' kᵀk = the single-process sum
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return {l: sums[l] / count for l in layers}
+
+
+def join_process_group() -> str | None:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) join its process group — NCCL on GPUs, gloo on CPUs —
+    and return this rank's device; None when not launched that way."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) under an initialised torch.distributed process group (torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _save_checkpoint(path: Path, sums, count: int, next_doc: int) -> None:
@@ -156,12 +194,19 @@ def load_or_compute(model: nn.Module, tokenizer, layers: list[int], corpus_spec:
             f"partial_{'-'.join(map(str, missing))}_n{n_tokens}.safetensors")
         computed = compute_second_moments(model, tokenizer, missing, corpus, n_tokens, checkpoint=resume,
                                           progress=progress)
+        rank, world = shard()
         for l, C in computed.items():
+            out[l] = C
+            if rank != 0:
+                continue  # every rank holds C; one writes it
             path = stats_path(model, l, corpus_id, n_tokens)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"C": C.cpu().contiguous()}, tmp, metadata={
                 "layer": str(l), "corpus": corpus_id, "n_tokens": str(n_tokens), "model": model_fingerprint(model)})
             os.replace(tmp, path)
-            out[l] = C
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # the cache is complete before any rank goes on
     return out
