@@ -223,3 +223,24 @@ def test_export_gguf_needs_a_gguf_model(tmp_path, monkeypatch, capsys):
                         str(tmp_path / "x.gguf"), "--gguf-type", "q4")
     assert_one_line_error(code, err, "--gguf-type must be one of f32, f16")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bench_scoring_part_on_a_tiny_model(tiny_model, tmp_path, monkeypatch, capsys):
+    """The scoring part times both ways on the same records and proves they agree; bad parts are one line."""
+    from lmedit.bench import run_bench
+    from lmedit.requests import load_requests
+
+    records = load_requests(DATA / "counterfact" / "counterfact-edit.json", limit=4)
+    result = run_bench(tiny_model("llama"), records, tmp_path / "b", ["scoring"], scoring_n=4)
+    assert result["scoring_records"] == 4 and result["scoring_max_metric_diff"] <= 1e-5
+    assert result["scoring_speedup"] > 0 and result["scoring_max_logp_diff"] <= 1e-4
+    doc = json.loads((tmp_path / "b" / "locate.json").read_text())
+    assert doc["scoring_batched_records_per_s"] == result["scoring_batched_records_per_s"]
+    assert "| scoring_speedup |" in (tmp_path / "b" / "locate.md").read_text()
+    capsys.readouterr()  # the part's progress line
+    code, err = run_cli(monkeypatch, capsys, "bench", "--data", str(DATA / "counterfact" / "counterfact-edit.json"),
+                        "--out", str(tmp_path / "c"), "--parts", "scoring,warp")
+    assert_one_line_error(code, err, "--parts must be a comma list")
+    code, err = run_cli(monkeypatch, capsys, "bench", "--data", str(DATA / "counterfact" / "counterfact-edit.json"),
+                        "--out", str(tmp_path / "c"), "--scoring-n", "0")
+    assert_one_line_error(code, err, "--scoring-n must be at least 1")

@@ -359,6 +359,8 @@ from lmedit.cli_canonical import register_canonical  # noqa: E402  (registers `e
 register_canonical(eval_app)
 from lmedit.cli_trace import register_trace  # noqa: E402  (registers `trace`)
 register_trace(app)
+from lmedit.cli_bench import register_bench  # noqa: E402  (registers `bench`)
+register_bench(app)
 
 
 def main() -> None:
