@@ -162,6 +162,23 @@ def test_each_method_runs_and_restores(tiny, data_dir, tmp_path, method, overrid
     json.dumps(result, allow_nan=False)  # strict JSON
 
 
+def test_memit_trials_reuse_values_across_lambda(tiny, data_dir, tmp_path, tmp_cache, monkeypatch):
+    """v* does not depend on λ: a second MEMIT trial with another mom2_weight takes every v* from the runner's
+    store, and its result equals a run that computes every v* afresh."""
+    task = cc.load_split("country_capital", data_dir, f"{SPLIT}:a")
+    runner = _runner(tiny, tmp_path)
+    runner.run(task, "memit", cc.make_settings("memit", tiny.model, "tiny-llama", MEMIT_FAST))
+    n = runner.value_store.misses
+    assert n == len(task.train) and runner.value_store.hits == 0
+    other = cc.make_settings("memit", tiny.model, "tiny-llama", {**MEMIT_FAST, "mom2_weight": "0.1"})
+    reused = runner.run(task, "memit", other)["trace"][0]
+    assert runner.value_store.hits == n and runner.value_store.misses == n
+    monkeypatch.setattr(cr.Runner, "value_store", property(lambda self: None))  # no store: v* computed
+    fresh = _runner(tiny, tmp_path / "fresh").run(task, "memit", other)["trace"][0]
+    for key in ("success_rate", "general_loss", "targeted_loss", "hard_negative_nll"):
+        assert reused[key] == pytest.approx(fresh[key], rel=1e-5, abs=1e-6), key
+
+
 def test_divergence_is_an_edit_failure_and_leaves_the_model(tiny, data_dir, tmp_path):
     task = cc.load_split("country_capital", data_dir, SPLIT)
     runner = _runner(tiny, tmp_path)

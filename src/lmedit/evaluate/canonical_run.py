@@ -92,6 +92,18 @@ class Runner:
         self._fingerprint = fingerprint
         self._protocol_key: dict | None = None
         self._unedited: dict[str, tuple[dict, bool]] = {}
+        self._values = None
+
+    @property
+    def value_store(self):
+        """v* of MEMIT runs, reused across trials and leagues that differ only in settings v* does not depend on
+        (λ, the layers below the last): one per Runner, on disk beside the evaluations' (locate/value_store.py)."""
+        if self._values is None:
+            from lmedit.locate.value_store import ValueStore
+            from lmedit.models.loading import cache_dir
+
+            self._values = ValueStore(self.model, cache_dir() / "values")
+        return self._values
 
     @property
     def protocol_key(self) -> dict:
@@ -277,11 +289,13 @@ def memit_requests(task: CanonicalTask) -> tuple[list, dict]:
 
 def _memit_trace(runner: Runner, task: CanonicalTask, config, before, announce) -> list[dict]:
     from lmedit.editors import get_editor
+    from lmedit.locate.value_store import reusing_values
 
     t0 = time.perf_counter()
     requests, notes = memit_requests(task)
-    patch = get_editor("memit").fn(runner.model, runner.tokenizer, requests, config, progress=False,
-                                   announce=lambda *_: None)
+    with reusing_values(runner.value_store):
+        patch = get_editor("memit").fn(runner.model, runner.tokenizer, requests, config, progress=False,
+                                       announce=lambda *_: None)
     edit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     with patch.apply(runner.model):
