@@ -13,7 +13,7 @@ import torch
 
 from lmedit.editors import get_editor, make_config
 from lmedit.editors import finetune
-from lmedit.editors.finetune import (Example, FinetuneConfig, augment, build_examples, collate, example_loss,
+from lmedit.editors.finetune import (Example, FinetuneConfig, augment, build_examples, collate, example_loss, read_positions,
                                      fact_pools, prepare, tokenize, train)
 from lmedit.editors.lora import LoraEditConfig, lora_adapters, lora_deltas
 from lmedit.errors import EditFailure, InputError
@@ -88,6 +88,12 @@ def test_conditional_loss_is_the_target_nll(tokenizer):
         lp = [float(logp[row, pos, labels[pos]]) for pos in range(first, len(ids))]
         assert math.isclose(float(loss[row]), -sum(lp) / len(lp), rel_tol=1e-5)
         assert math.isclose(float(target_lp[row]), sum(lp), rel_tol=1e-5)
+    # the training loop's path: logits only at the positions the loss reads, same numbers
+    at = read_positions(batch)
+    assert int(at.sum()) == sum(len(ids) - first for ids, _, first in encoded)  # the targets, nothing else
+    sparse_loss, sparse_lp = example_loss(logits[at], batch, at)
+    torch.testing.assert_close(sparse_loss, loss)
+    torch.testing.assert_close(sparse_lp, target_lp)
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
@@ -357,8 +363,8 @@ def test_diverging_learning_rate_fails_and_keeps_the_model(tiny):
 
 
 def test_non_finite_loss_fails_and_keeps_the_model(tiny, monkeypatch):
-    def nan_loss(logits, batch):
-        loss, lp = example_loss(logits, batch)
+    def nan_loss(logits, batch, at=None):
+        loss, lp = example_loss(logits, batch, at)
         return loss * float("nan"), lp
 
     monkeypatch.setattr(finetune, "example_loss", nan_loss)

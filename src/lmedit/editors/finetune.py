@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from lmedit import __version__
 from lmedit.editors import optional_float, register_editor
 from lmedit.errors import EditFailure, InputError
+from lmedit.locate.batching import body, unembed
 from lmedit.locate.context import context_templates
 from lmedit.locate.prompts import encode, with_target
 from lmedit.models.arch import arch_for, block, check_layer, get_module, num_layers
@@ -268,13 +269,25 @@ def collate(encoded: list[tuple[list[int], list[int], int]], conditional: bool, 
     return Batch(*(v.to(device) for v in (ids, mask, labels, loss, target)))
 
 
-def example_loss(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def example_loss(logits: torch.Tensor, batch: Batch, at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-example mean NLL over loss_mask, per-example log P(target | prompt), detached). Masked positions get
-    an exactly zero gradient: their log-probabilities are multiplied by 0 and nothing else reads them."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (b, t, vocab)
-    token = logp.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)  # (b, t)
+    an exactly zero gradient: their log-probabilities are multiplied by 0 and nothing else reads them.
+
+    `logits` is (b, t, vocab), or (n, vocab) at the n positions of the (b, t) mask `at` only (`read_positions`):
+    the conditional loss reads a few target positions of each row, so the training loop unembeds only those."""
+    if at is None:
+        at = torch.ones(batch.labels.shape, dtype=torch.bool, device=logits.device)
+        logits = logits.reshape(-1, logits.shape[-1])
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, vocab)
+    picked = logp.gather(-1, batch.labels[at].unsqueeze(-1)).squeeze(-1)  # (n,)
+    token = torch.zeros(batch.labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(at, picked)
     loss = -(token * batch.loss_mask).sum(1) / batch.loss_mask.sum(1)
     return loss, (token.detach() * batch.target_mask).sum(1)
+
+
+def read_positions(batch: Batch) -> torch.Tensor:
+    """(b, t) mask of the positions whose logits the loss or the target probability reads."""
+    return (batch.loss_mask + batch.target_mask) > 0
 
 
 def _kl(model, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -359,8 +372,10 @@ def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parame
             for start in range(0, len(order), config.batch_size):
                 idx = order[start:start + config.batch_size]
                 batch = collate([encoded[k] for k in idx], conditional, pad_id, device)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-                per_example, target_lp = example_loss(logits, batch)
+                at = read_positions(batch)
+                hidden = body(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     use_cache=False).last_hidden_state
+                per_example, target_lp = example_loss(unembed(model, hidden[at]), batch, at)
                 loss = per_example.mean()
                 if ref is not None:
                     loss = loss + config.kl_factor * _kl(model, ref, kl_batch)
