@@ -179,6 +179,33 @@ def test_memit_trials_reuse_values_across_lambda(tiny, data_dir, tmp_path, tmp_c
         assert reused[key] == pytest.approx(fresh[key], rel=1e-5, abs=1e-6), key
 
 
+def test_epochs_beyond_every_league_are_not_scored_further(tiny, data_dir, tmp_path, monkeypatch):
+    """An epoch whose losses break the widest league can never be chosen: its success rate and hard negatives are
+    not measured (None), its losses are, and its league entry is the unedited point's."""
+    from lmedit.evaluate import degradation
+
+    task = cc.load_split("country_capital", data_dir, f"{SPLIT}:a")
+    settings = cc.make_settings("ft", tiny.model, "tiny-llama", {"lr": "1e-2", "epochs": "2", "batch_size": "2"})
+    full = _runner(tiny, tmp_path / "full", leagues=(0.01,)).run(task, "ft", settings)
+    strict = _runner(tiny, tmp_path / "strict", leagues=(0.01,))
+    before, cached = strict.unedited(task)
+    # a baseline 2 % below the real one: every epoch (whose losses this lr barely moves) now breaks the league
+    lowered = {**before, "general_loss": before["general_loss"] * 0.98}
+    strict._unedited[degradation.examples_digest(task)] = (lowered, True)
+    calls = []
+    scorer = degradation.success_rate
+    monkeypatch.setattr(degradation, "success_rate", lambda *a, **k: calls.append(1) or scorer(*a, **k))
+    result = strict.run(task, "ft", settings)
+    for f, s in zip(full["trace"], result["trace"], strict=True):
+        assert s["general_loss"] == pytest.approx(f["general_loss"], rel=1e-6)
+        assert s["general_loss"] > 1.01 * lowered["general_loss"]
+        assert s["success_rate"] is None and s["hard_negative_nll"] is None
+        assert f["success_rate"] is not None and f["hard_negative_nll"] is not None
+    assert calls == []  # no epoch was scored
+    assert result["leagues"]["0.01"]["score"] == 0.0 and result["leagues"]["0.01"]["epoch"] is None
+    json.dumps(result, allow_nan=False)
+
+
 def test_divergence_is_an_edit_failure_and_leaves_the_model(tiny, data_dir, tmp_path):
     task = cc.load_split("country_capital", data_dir, SPLIT)
     runner = _runner(tiny, tmp_path)

@@ -50,7 +50,7 @@ from lmedit.evaluate.canonical import CanonicalTask, LossOptions, _records, trai
 from lmedit.evaluate.canonical_config import (ANSWER_FIELDS, SETTINGS, SUBJECT_FIELDS, LoraSettings, TrainSettings,
                                               check_method, check_settings, make_settings)
 from lmedit.evaluate.degradation import DEFAULT_MAX_TOKENS, DEFAULT_N_DOCS, BaselineCache
-from lmedit.evaluate.leagues import LEAGUES, check_epsilon, league_score
+from lmedit.evaluate.leagues import LEAGUES, admissible, check_epsilon, league_score
 
 # ---------------------------------------------------------------- the runner
 
@@ -130,11 +130,15 @@ class Runner:
             return self._unedited[key]
         return self._unedited[key][0], True
 
-    def evaluate(self, task: CanonicalTask) -> dict[str, float]:
+    def evaluate(self, task: CanonicalTask, before: dict | None = None) -> dict:
+        """One evaluation point. Given the unedited point `before`, an epoch whose losses are beyond the widest
+        league is not scored further (success rate and hard negatives None): no league can choose it."""
         p = self.protocol
+        widest = max(p.leagues)
+        within = None if before is None else (lambda point: admissible(point, before, widest))
         return degradation.evaluate_point(self.model, self.tokenizer, task, self.general_texts,
                                           max_tokens=p.max_tokens, targeted_max_tokens=p.targeted_max_tokens,
-                                          batch_size=p.eval_batch_size)
+                                          batch_size=p.eval_batch_size, within=within)
 
     def run(self, task: CanonicalTask, method: str, settings=None, *, on_diverge: Literal["raise", "record"] = "raise",
             announce: Callable[[str], None] | None = None) -> dict:
@@ -204,7 +208,7 @@ def _train_epochs(runner: Runner, task: CanonicalTask, params: dict[str, torch.n
                                 f"(lr {settings.lr:g})", trace)
         train_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        point = runner.evaluate(task)
+        point = runner.evaluate(task, before)
         trace.append({"epoch": epoch, "train_loss": total / len(examples), **point,
                       "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t0})
         if announce:
@@ -218,8 +222,10 @@ def _train_epochs(runner: Runner, task: CanonicalTask, params: dict[str, torch.n
 
 def _epoch_line(p: dict, before: dict) -> str:
     general, targeted = (p[k] / before[k] for k in ("general_loss", "targeted_loss"))
-    return (f"epoch {p['epoch']}: success {p['success_rate']:.3f} (before {before['success_rate']:.3f}), general "
-            f"×{general:.6f}, targeted ×{targeted:.6f}, "
+    losses = f"general ×{general:.6f}, targeted ×{targeted:.6f}"
+    if p["success_rate"] is None:
+        return f"epoch {p['epoch']}: {losses}: beyond every league, not scored further"
+    return (f"epoch {p['epoch']}: success {p['success_rate']:.3f} (before {before['success_rate']:.3f}), {losses}, "
             f"hard-neg NLL {p['hard_negative_nll'] - before['hard_negative_nll']:+.4f}")
 
 
@@ -299,7 +305,7 @@ def _memit_trace(runner: Runner, task: CanonicalTask, config, before, announce) 
     edit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     with patch.apply(runner.model):
-        point = runner.evaluate(task)
+        point = runner.evaluate(task, before)
     trace = [{"epoch": 1, **point, "train_seconds": edit_seconds, "eval_seconds": time.perf_counter() - t0,
               "memit_requests": notes}]
     if announce:

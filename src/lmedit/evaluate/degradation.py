@@ -128,15 +128,20 @@ def targeted_loss(model: nn.Module, tokenizer, task_data, max_tokens: int | None
 
 def evaluate_point(model: nn.Module, tokenizer, task_data, general_texts: Sequence[str], *,
                    max_tokens: int | None = DEFAULT_MAX_TOKENS, targeted_max_tokens: int | None = None,
-                   batch_size: int = 16) -> dict[str, float]:
+                   batch_size: int = 16, within: Callable[[dict[str, float]], bool] | None = None) -> dict:
     """Everything the protocol records after an epoch (and before editing): success rate on the evaluation
-    file, general and targeted per-token loss, hard-negative NLL."""
-    return {
-        "success_rate": success_rate(model, tokenizer, task_data, batch_size=batch_size),
+    file, general and targeted per-token loss, hard-negative NLL.
+
+    The two losses come first. When `within(losses)` says they are beyond every league, the epoch can never be
+    the one a league scores, so success rate and hard negatives (most of the cost) are not measured: None."""
+    point: dict = {
         "general_loss": token_loss(model, tokenizer, general_texts, max_tokens, batch_size),
         "targeted_loss": targeted_loss(model, tokenizer, task_data, targeted_max_tokens, batch_size),
-        "hard_negative_nll": hard_negative_nll(model, tokenizer, task_data.hard_neg, batch_size),
     }
+    scored = within is None or within(point)
+    point["success_rate"] = success_rate(model, tokenizer, task_data, batch_size=batch_size) if scored else None
+    point["hard_negative_nll"] = hard_negative_nll(model, tokenizer, task_data.hard_neg, batch_size) if scored else None
+    return point
 
 
 # ---------------------------------------------------------------- fingerprints and the cache
