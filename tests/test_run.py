@@ -191,3 +191,66 @@ def test_report_separates_settings_and_data_sizes(tmp_path):
     curves = _sweeps(results, _variants(results))
     assert sorted(curves) == ["emmet L2-3 mu=0.001", "emmet L2-3 mu=0.1"]
     assert sorted(r["batch_size"] for r in curves["emmet L2-3 mu=0.1"]) == [10, 100, 1000]
+
+
+def test_shards_merge_to_the_unsharded_run(tiny_model, tmp_path, monkeypatch, capsys):
+    """Three shards of a batch-2 run on 6 records (whole batches each) merge to the metrics of one process; the
+    merge refuses a missing shard, a shard of another run, and a file that is no shard."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from lmedit import cli
+    from lmedit.errors import InputError
+    from lmedit.evaluate.shards import merge_shards, shard_range
+
+    assert [shard_range(7, 2, k, 3) for k in (1, 2, 3)] == [(0, 2), (2, 4), (4, 7)]
+    with pytest.raises(InputError, match="a shard needs a whole batch"):
+        shard_range(4, 2, 1, 3)
+    lm = _editable(tiny_model("llama"))
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+    sets = [x for k, v in FAST.items() for x in ("--set", f"{k}={v}")]
+
+    def run(out, *extra):
+        monkeypatch.setattr(sys, "argv", ["lmedit", "eval", "counterfact", "--model", str(model_dir), "--data",
+                                          str(data), "--limit", "6", "--batch-size", "2", "--no-reuse-values",
+                                          "--out", str(out), *sets, *extra])
+        try:
+            cli.main()
+        except SystemExit as e:
+            return e.code, capsys.readouterr().err
+        return 0, ""
+
+    assert run(tmp_path / "whole.json")[0] == 0
+    for k in (1, 2, 3):
+        assert run(tmp_path / f"s{k}.json", "--shard", f"{k}/3")[0] == 0
+    shards = [json.loads((tmp_path / f"s{k}.json").read_text()) for k in (3, 1, 2)]  # any order
+    assert [s["shard"]["start"] for s in shards] == [4, 0, 2] and all(s["n"] == 2 for s in shards)
+    merged = merge_shards(shards, ["s3", "s1", "s2"])
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert merged["n"] == 6 and [r["case_id"] for r in merged["records"]] == [r["case_id"] for r in whole["records"]]
+    for part in ("metrics", "baseline"):
+        for key, value in whole[part].items():
+            if isinstance(value, float):
+                assert merged[part][key] == pytest.approx(value, abs=1e-6), (part, key)
+    assert merged["metrics"] != merged["baseline"]  # the edits moved something
+    with pytest.raises(InputError, match="missing: 2"):
+        merge_shards([shards[0], shards[1]], ["s3", "s1"])
+    other = {**shards[2], "batch_size": 3}
+    with pytest.raises(InputError, match="shards of different runs"):
+        merge_shards([shards[1], other, shards[0]], ["s1", "s2", "s3"])
+    with pytest.raises(InputError, match="is not a shard result"):
+        merge_shards([whole], ["whole"])
+    code, err = run(tmp_path / "seq.json", "--shard", "1/2", "--sequential")
+    assert code == 2 and "cannot be sharded" in err
+    code, err = run(tmp_path / "bad.json", "--shard", "3/2")
+    assert code == 2 and "between 1 and N" in err
+    monkeypatch.setattr(sys, "argv", ["lmedit", "eval", "merge", str(tmp_path / "s1.json"), str(tmp_path / "s2.json"),
+                                      str(tmp_path / "s3.json"), "--out", str(tmp_path / "merged.json")])
+    cli.main()
+    assert json.loads((tmp_path / "merged.json").read_text())["metrics"] == merged["metrics"]

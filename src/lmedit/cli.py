@@ -144,7 +144,7 @@ def _batch_sizes(text: Optional[str]) -> list[Optional[int]]:
 
 def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: Optional[int],
               batch_size: Optional[str], sequential: bool, sets: Optional[list[str]], force: bool,
-              resume: bool, fluency: bool = False, reuse_values: bool = True) -> None:
+              resume: bool, fluency: bool = False, reuse_values: bool = True, shard: Optional[str] = None) -> None:
     from lmedit.editors import get_editor
     from lmedit.evaluate.run import run_edit_eval
     from lmedit.fileio import atomic_write_json, check_writable
@@ -165,6 +165,19 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
     for b in sizes:
         if b is not None and b > len(reqs):
             raise InputError(f"--batch-size {b} exceeds the {len(reqs)} records")
+    part = None
+    if shard is not None:
+        from lmedit.evaluate.shards import data_digest, parse_shard, shard_range
+
+        k, n_shards = parse_shard(shard)
+        if sequential:
+            raise InputError("a sequential run cannot be sharded: each batch edits the model the next one starts from")
+        if len(sizes) != 1:
+            raise InputError("--shard takes one --batch-size (shard each size of a sweep as its own run)")
+        start, end = shard_range(len(reqs), sizes[0] or len(reqs), k, n_shards)
+        part = {"index": k, "of": n_shards, "start": start, "end": end, "n_total": len(reqs),
+                "data": data_digest(reqs)}
+        reqs = reqs[start:end]
     lm = _load(model)
     from lmedit.locate.value_store import ValueStore
     from lmedit.models.loading import cache_dir
@@ -185,7 +198,9 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
             scoring = dict(scorer=zsre.ZsreScorer(), aggregator=zsre.aggregate)
         result = run_edit_eval(lm, method, reqs, b, sequential, _parse_sets(sets), task=task,
                                announce=console.print, journal=j, resume=resume, value_store=store,
-                               baseline=baseline, **scoring)
+                               baseline=baseline, keep_baseline_records=part is not None, **scoring)
+        if part is not None:
+            result["shard"] = part
         atomic_write_json(o, result)
         j.unlink(missing_ok=True)
         console.print(_metrics_table(result))
@@ -205,6 +220,8 @@ SeqOpt = typer.Option(False, help="each batch on top of the previous ones, all s
 ReuseOpt = typer.Option(True, "--reuse-values/--no-reuse-values",
                         help="reuse v* already computed for the same request, layer and settings on this model "
                         "(cached under the lmedit cache); the edits themselves are recomputed")
+ShardOpt = typer.Option(None, "--shard", help="k/N: evaluate only the k-th of N contiguous runs of whole batches "
+                        "(one machine each); `lmedit eval merge` joins the N result files")
 
 
 @eval_app.command("counterfact")
@@ -213,26 +230,43 @@ def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = Mode
                      sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt,
                      fluency: bool = typer.Option(False, "--fluency", help="also score the n-gram entropy of greedy "
                                                   "continuations of each prompt"),
-                     reuse_values: bool = ReuseOpt) -> None:
+                     reuse_values: bool = ReuseOpt, shard: Optional[str] = ShardOpt) -> None:
     """Edit CounterFact records; score efficacy, generalisation, specificity, edit score (probability comparison).
 
     Example: lmedit eval counterfact --method rome --data counterfact-edit.json --limit 100 --batch-size 1 --out rome.json
     """
     _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force, resume, fluency,
-              reuse_values)
+              reuse_values, shard)
 
 
 @eval_app.command("zsre")
 def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
               limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
               sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt,
-              reuse_values: bool = ReuseOpt) -> None:
+              reuse_values: bool = ReuseOpt, shard: Optional[str] = ShardOpt) -> None:
     """Edit zsRE records (MEND format); score token-level top-1 accuracy and locality.
 
     Example: lmedit eval zsre --method memit --data zsre-500.json --out memit-zsre.json
     """
     _run_eval("zsre", data, out, model, method, limit, batch_size, sequential, sets, force, resume,
-              reuse_values=reuse_values)
+              reuse_values=reuse_values, shard=shard)
+
+
+@eval_app.command("merge")
+def eval_merge(shards: list[Path] = typer.Argument(..., help="the N shard result files of one run"),
+               out: Path = OutOpt, force: bool = ForceOpt) -> None:
+    """Join the result files of `lmedit eval ... --shard k/N` into the result of the whole run.
+
+    Example: lmedit eval merge memit.1.json memit.2.json --out memit.json
+    """
+    from lmedit.evaluate.shards import merge_shards
+    from lmedit.fileio import atomic_write_json, check_writable, read_json
+
+    check_writable(out, force)
+    result = merge_shards([read_json(p) for p in shards], [str(p) for p in shards])
+    atomic_write_json(out, result)
+    console.print(_metrics_table(result))
+    console.print(f"{result['n']} records from {len(shards)} shards → {out}")
 
 
 @stats_app.command("compute")

@@ -89,11 +89,13 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
                   sequential: bool = False, overrides: dict | None = None, task: str = "counterfact",
                   scorer: Scorer = score_counterfact, aggregator=aggregate, score_batch_size: int = 64,
                   progress: bool = True, announce=print, journal: Path | None = None, resume: bool = False,
-                  value_store: ValueStore | None = None, baseline: dict | None = None) -> dict:
+                  value_store: ValueStore | None = None, baseline: dict | None = None,
+                  keep_baseline_records: bool = False) -> dict:
     """Edit `requests` with `method` and score them; returns the DESIGN §8 result dict (+ per-record list).
 
     `baseline`: a dict shared by runs on the same model, requests and scorer. An empty one is filled with the
-    unedited scores; a filled one is used instead of scoring the unedited model again."""
+    unedited scores; a filled one is used instead of scoring the unedited model again. `keep_baseline_records`
+    adds the unedited per-record scores to the result (a shard's, for the merge step)."""
     if not requests:
         raise InputError("no records to evaluate")
     batch_size = batch_size or len(requests)
@@ -169,7 +171,7 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
     for rec, base in zip(records, baseline_records):
         rec["baseline"] = {k: base.get(k) for k in ("efficacy", "generalization", "specificity", "locality")
                            if k in base}
-    return {
+    result = {
         "task": task,
         "model": lm.name,
         "method": method,
@@ -186,3 +188,6 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
                    "values_reused": (value_store.hits - reused_before) if value_store is not None else 0},
         "records": records,
     }
+    if keep_baseline_records:
+        result["baseline_records"] = baseline_records
+    return result
