@@ -269,11 +269,14 @@ def eval_merge(shards: list[Path] = typer.Argument(..., help="the N shard result
     console.print(f"{result['n']} records from {len(shards)} shards → {out}")
 
 
+CorpusOpt = typer.Option("wiki", help="the statistics corpus: 'wiki' (offline default), a text/JSONL file, or hf:NAME")
+TokensOpt = typer.Option(100_000, help="number of tokens C averages over")
+
+
 @stats_app.command("compute")
 def stats_compute(model: str = ModelOpt,
                   layers: str = typer.Option(..., help="comma-separated layers, e.g. 2,3,4"),
-                  corpus: str = typer.Option("wiki", help="'wiki' (offline default), a text/JSONL file, or hf:NAME"),
-                  tokens: int = typer.Option(100_000, help="number of tokens to average over")) -> None:
+                  corpus: str = CorpusOpt, tokens: int = TokensOpt) -> None:
     """Compute and cache C = E(k kᵀ) at the input of the MLP output projections (one pass for all layers).
     Under torchrun the ranks share the pass (each runs every world-th batch; the sums are all-reduced).
 
@@ -300,8 +303,7 @@ def stats_compute(model: str = ModelOpt,
 @stats_app.command("inspect")
 def stats_inspect(model: str = ModelOpt,
                   layer: int = typer.Option(..., help="layer"),
-                  corpus: str = typer.Option("wiki", help="corpus the statistics were computed on"),
-                  tokens: int = typer.Option(100_000, help="number of tokens they average over")) -> None:
+                  corpus: str = CorpusOpt, tokens: int = TokensOpt) -> None:
     """Show a cached C: where it is, its size, trace and conditioning (never computes).
 
     Example: lmedit stats inspect --layer 4
