@@ -38,12 +38,17 @@ COUNTERFACT = [  # (label, result file stem)
 COUNTERFACT_1000 = [
     ("MEMIT (= EMMET μ = 0.1, λ = 5000), batch 1000", "cf1000-memit.b1000"),
     ("EMMET μ = 0.001, batch 1000", "cf1000-emmet-mu0.001.b1000"),
+    ("ROME, each edit alone", "cf1000-rome"),
 ]
 ZSRE = [
     ("ROME, each edit alone", "zsre100-rome"),
     ("MEMIT, batch 1", "zsre100-memit.b1"),
     ("MEMIT, batch 100", "zsre100-memit.b100"),
     ("EMMET μ = 0.001, batch 100", "zsre100-emmet-mu0.001"),
+    ("FT (prompt + target), mass 100", "zsre100-ft"),
+    ("FT-conditional, mass 100", "zsre100-ftc"),
+    ("FT-conditional + augmentation (m = r = 2), mass 100", "zsre100-ftc-aug"),
+    ("LoRA, mass 100", "zsre100-lora"),
 ]
 CF_METRICS = ("efficacy", "generalization", "specificity", "edit_score")
 ZSRE_METRICS = ("efficacy", "generalization", "locality")
