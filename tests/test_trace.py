@@ -56,6 +56,7 @@ def test_suggested_layers_follow_the_mlp_peak():
     sug = suggest_layers([fake(7), fake(7), fake(3)])
     assert sug["rome_layer"] == 7 and sug["memit_layers"] == [3, 4, 5, 6, 7] and sug["n_facts"] == 3
     assert sug["aie_last_subject_token"][7] == pytest.approx(0.8 * 2 / 3)
+    assert sug["peak_layer_any_subject_token"] == 8  # the larger effect one token earlier, one layer up
     assert suggest_layers([fake(1)])["memit_layers"] == [0, 1]
     with pytest.raises(InputError, match="MLP traces"):
         suggest_layers([Trace("p", "s", "o", ["a"], (0, 0), "hidden", 1, 0, [[0.0]])])

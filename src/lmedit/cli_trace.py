@@ -89,5 +89,6 @@ def register_trace(app: typer.Typer) -> None:
         if result["suggestion"]:
             sug = result["suggestion"]
             console.print(f"suggested from {sug['n_facts']} MLP trace(s): ROME layer {sug['rome_layer']}, "
-                          f"MEMIT layers {sug['memit_layers']}")
+                          f"MEMIT layers {sug['memit_layers']} (the MLP effect at the last subject token peaks there; "
+                          f"at any subject token it peaks at layer {sug['peak_layer_any_subject_token']})")
         console.print(f"→ {out}")

@@ -160,13 +160,18 @@ def _restore(out: torch.Tensor, clean: torch.Tensor, targets: list[tuple[int, in
 
 def suggest_layers(traces: list[Trace], memit_span: int = 5) -> dict:
     """From MLP traces: the average indirect effect at the last subject token per layer, its peak (ROME's
-    layer) and the `memit_span` layers ending at the peak (MEMIT's)."""
+    layer, where ROME writes: k* is read at the last subject token) and the `memit_span` layers ending at the
+    peak (MEMIT's); beside it, the same with each fact's strongest subject token."""
     if not traces or any(t.kind != "mlp" for t in traces):
         raise InputError("layer suggestions need MLP traces (kind='mlp')")
     aie = torch.stack([t.indirect_effect()[:, t.subject_range[1]] for t in traces]).mean(0)
+    # where a model recalls at an earlier subject token (a multi-token name), this shows it beside the rule
+    anywhere = torch.stack([t.indirect_effect()[:, t.subject_range[0]:t.subject_range[1] + 1].max(1).values
+                            for t in traces]).mean(0)
     peak = int(aie.argmax())
     return {"aie_last_subject_token": aie.tolist(), "rome_layer": peak,
-            "memit_layers": list(range(max(0, peak - memit_span + 1), peak + 1)), "n_facts": len(traces)}
+            "memit_layers": list(range(max(0, peak - memit_span + 1), peak + 1)), "n_facts": len(traces),
+            "aie_best_subject_token": anywhere.tolist(), "peak_layer_any_subject_token": int(anywhere.argmax())}
 
 
 def plot_trace(trace: Trace, path) -> None:
