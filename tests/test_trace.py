@@ -88,3 +88,24 @@ def test_trace_cli_writes_json_png_and_suggestion(tiny_model, tmp_path, monkeypa
     code, err = run_cli(monkeypatch, capsys, "trace", "--prompt", PROMPT, "--subject", SUBJECT, "--model",
                         str(model_dir), "--out", str(out))
     assert code == 2 and "exists" in err  # never overwritten without --force
+
+
+def test_known_facts_keeps_those_whose_answer_is_the_top_token(tiny_model):
+    """A fact counts as known when its true answer is the model's top next token; the limit stops the scan."""
+    from lmedit.locate.trace import known_facts
+    from lmedit.requests import EditRequest
+
+    lm = tiny_model("llama")
+    tok = lm.tokenizer
+    prompts = ["The Eiffel Tower is located in the city of", "The capital of Japan is", "Toyota was founded in"]
+    tops = []
+    for p in prompts:
+        with torch.no_grad():
+            tops.append(tok.decode([int(lm.model(**tok(p, return_tensors="pt")).logits[0, -1].argmax())]))
+    reqs = [EditRequest(prompts[0], "The Eiffel Tower", "Rome", tops[0].strip() or tops[0]),
+            EditRequest(prompts[1], "Japan", "Rome", "Paris" if tops[1].strip() != "Paris" else "London"),
+            EditRequest(prompts[2], "Toyota", "Rome", tops[2].strip() or tops[2])]
+    found, read = known_facts(lm.model, tok, reqs, limit=5)
+    assert [f[0] for f in found] == [prompts[0], prompts[2]] and read == 3
+    found, read = known_facts(lm.model, tok, reqs, limit=1)
+    assert len(found) == 1 and read == 1

@@ -23,8 +23,9 @@ def register_trace(app: typer.Typer) -> None:
               answer: Optional[str] = typer.Option(None, "--answer", help="the answer traced (default: the "
                                                    "model's own top next token)"),
               requests: Optional[Path] = typer.Option(None, "--requests", "-r", help="trace many facts instead "
-                                                      "(any requests file lmedit reads; the answer is target_true)"),
-              limit: int = typer.Option(10, "--limit", help="with --requests: the first N facts"),
+                                                      "(any requests file lmedit reads): those the model knows, i.e. "
+                                                      "whose target_true is its top next token"),
+              limit: int = typer.Option(10, "--limit", help="with --requests: the first N facts the model knows"),
               kinds: str = typer.Option("hidden,mlp,attn", "--kind", help="states restored: hidden, mlp, attn "
                                         "(comma list)"),
               samples: int = typer.Option(10, "--samples", help="noise draws per run"),
@@ -44,7 +45,7 @@ def register_trace(app: typer.Typer) -> None:
         """
         from lmedit.cli import _load, console
         from lmedit.fileio import AtomicDirectory, atomic_write_json, check_writable
-        from lmedit.locate.trace import KINDS, TraceConfig, plot_trace, suggest_layers, trace_fact
+        from lmedit.locate.trace import KINDS, TraceConfig, known_facts, plot_trace, suggest_layers, trace_fact
         from lmedit.requests import load_requests
 
         # ---- the input, before the model is loaded
@@ -63,11 +64,17 @@ def register_trace(app: typer.Typer) -> None:
         else:
             if limit < 1:
                 raise InputError(f"--limit must be at least 1, got {limit}")
-            facts = [(r.prompt, r.subject, r.target_true or None) for r in load_requests(requests, limit=limit)]
+            pool = load_requests(requests)
         check_writable(out, force)
 
         # ---- the work
         lm = _load(model)
+        if requests is not None:
+            facts, read = known_facts(lm.model, lm.tokenizer, pool, limit)
+            console.print(f"{len(facts)} fact(s) the model knows (its top next token is the true answer) among the "
+                          f"first {read} of {requests}")
+            if not facts:
+                raise InputError(f"the model knows none of the {read} facts read from {requests}: nothing to trace")
         traces = []
         for i, (p, s, a) in enumerate(facts):
             for config in configs:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lmedit.errors import InputError
 from lmedit.locate.batching import inference
-from lmedit.locate.prompts import encode_continuation, join_prompt_target, subject_tokens
+from lmedit.locate.prompts import encode, encode_continuation, join_prompt_target, subject_tokens
 from lmedit.models.arch import arch_for, block, get_module, num_layers
 from lmedit.models.hooks import capture_io, edit_output
 
@@ -156,6 +156,26 @@ def _restore(out: torch.Tensor, clean: torch.Tensor, targets: list[tuple[int, in
     for r, t in targets:
         out[r * samples:(r + 1) * samples, t] = clean[0, t]
     return out
+
+
+def known_facts(model: nn.Module, tokenizer, requests, limit: int) -> tuple[list[tuple[str, str, str]], int]:
+    """The first `limit` requests whose true answer is the model's top next token (the paper traces facts the model
+    knows: corrupting a fact it does not know has nothing to take away). Returns (prompt, subject, answer) triples
+    and how many requests were read to find them."""
+    found, read = [], 0
+    device = next(model.parameters()).device
+    with inference(model):
+        for r in requests:
+            if len(found) == limit:
+                break
+            read += 1
+            if not r.target_true:
+                continue
+            answer = encode_continuation(tokenizer, join_prompt_target(r.prompt, r.target_true)[1])
+            ids = torch.tensor([encode(tokenizer, r.prompt)], device=device)
+            if answer and int(model(input_ids=ids).logits[0, -1].argmax()) == answer[0]:
+                found.append((r.prompt, r.subject, r.target_true))
+    return found, read
 
 
 def suggest_layers(traces: list[Trace], memit_span: int = 5) -> dict:
