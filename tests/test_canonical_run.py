@@ -204,6 +204,9 @@ def test_epochs_beyond_every_league_are_not_scored_further(tiny, data_dir, tmp_p
     assert calls == []  # no epoch was scored
     assert result["leagues"]["0.01"]["score"] == 0.0 and result["leagues"]["0.01"]["epoch"] is None
     json.dumps(result, allow_nan=False)
+    # so a cached run never serves a league wider than the one it was scored within
+    assert cr.Protocol(str(GENERAL), leagues=(0.01,)).key() != cr.Protocol(str(GENERAL), leagues=(0.1, 0.01)).key()
+    assert cr.Protocol(str(GENERAL), leagues=(0.01,)).key() == cr.Protocol(str(GENERAL), leagues=(1e-3, 0.01)).key()
 
 
 def test_divergence_is_an_edit_failure_and_leaves_the_model(tiny, data_dir, tmp_path):

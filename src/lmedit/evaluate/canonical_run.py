@@ -70,7 +70,10 @@ class Protocol:
         """The parts that change a number (for cache keys and study names)."""
         return {"general": degradation.file_digest(self.general_path), "n_docs": self.n_docs,
                 "max_tokens": self.max_tokens, "targeted_max_tokens": self.targeted_max_tokens,
-                "patience": self.patience, "stop_league": max(self.leagues) if self.patience else None}
+                "patience": self.patience, "stop_league": max(self.leagues) if self.patience else None,
+                # epochs beyond the widest league are not scored (Runner.evaluate): a run serves only leagues
+                # within it
+                "scored_within": max(self.leagues)}
 
 
 def league_key(epsilon: float) -> str:
