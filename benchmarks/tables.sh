@@ -67,9 +67,10 @@ ftzsre100() {  # fine-tuning editors on zsRE, 100 edits trained together; random
   run zsre100-ft 100 zsre --data $ZSRE --limit 100 --method ft
   run zsre100-lora 100 zsre --data $ZSRE --limit 100 --method lora
 }
-cf1000() {  # 1000 edits at once (the curves' last point; batch sizes 1-100 come from cf100)
+cf1000() {  # 1000 edits at once (the curves' last point; batch sizes 1-100 come from cf100), and ROME on each
   run cf1000-memit.b1000 1000 counterfact --data $CF --limit 1000 --method memit
   run cf1000-emmet-mu0.001.b1000 1000 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001
+  run cf1000-rome 1 counterfact --data $CF --limit 1000 --method rome  # each edit alone; v* shared with MEMIT's
 }
 
 stages=("$@")
