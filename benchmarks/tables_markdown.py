@@ -68,7 +68,8 @@ def table(rows, metrics) -> list[str]:
     lines = head + ["| unedited | " + " | ".join(f"{base[m]:.3f}" for m in metrics) + " | |"]
     for label, r in found:
         t = r["timing"]
-        mark = " †" if t.get("values_reused") else ""
+        reused, n = t.get("values_reused") or 0, r["n"]
+        mark = " †" if reused >= n else (f" ({reused} of {n} v* reused)" if reused else "")
         lines.append(f"| {label} | " + " | ".join(f"{r['metrics'][m]:.3f}" for m in metrics) +
                      f" | {t['seconds_per_edit']:.2f}{mark} |")
     return lines

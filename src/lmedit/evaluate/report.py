@@ -47,8 +47,13 @@ def _variants(results: list[dict]) -> dict[int, str]:
         flats = [_flat(r.get("config")) for r in rs]
         keys = sorted({k for f in flats for k in f if k != "layers" and len({repr(g.get(k)) for g in flats}) > 1})
         for r, f in zip(rs, flats):
-            names[id(r)] = " ".join(f"{k.rpartition('.')[2]}={f.get(k)}" for k in keys)
+            names[id(r)] = " ".join(f"{k.rpartition('.')[2]}={_short(f.get(k))}" for k in keys)
     return names
+
+
+def _short(value) -> str:
+    """A setting as a label shows it: a file by its name, not its path."""
+    return value.rsplit("/", 1)[-1] if isinstance(value, str) and "/" in value else str(value)
 
 
 def _name(r: dict, variants: dict[int, str]) -> str:
@@ -92,7 +97,7 @@ def _bar_plot(task: str, rows: list[dict], path: Path, variants: dict[int, str])
     ax.set_title(f"{task}: {rows[0]['model']}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -113,9 +118,10 @@ def _sweep_plot(task: str, sweeps: dict[str, list[dict]], path: Path) -> None:
         ax.set_title(metric)
         ax.set_xlabel("edits per batch")
     axes[0].set_ylim(0, 1.05)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()  # one legend under the panels, clear of the curves
+    fig.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
