@@ -71,6 +71,8 @@ cf1000() {  # 1000 edits at once (the curves' last point; batch sizes 1-100 come
   run cf1000-memit.b1000 1000 counterfact --data $CF --limit 1000 --method memit
   run cf1000-emmet-mu0.001.b1000 1000 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001
   run cf1000-rome 1 counterfact --data $CF --limit 1000 --method rome  # each edit alone; v* shared with MEMIT's
+  run cf1000-memit.b100 100 counterfact --data $CF --limit 1000 --method memit  # ten batches of 100
+  run cf1000-emmet-mu0.001.b100 100 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001
 }
 
 stages=("$@")
