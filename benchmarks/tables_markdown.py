@@ -38,6 +38,8 @@ COUNTERFACT = [  # (label, result file stem)
 COUNTERFACT_1000 = [
     ("MEMIT (= EMMET μ = 0.1, λ = 5000), batch 1000", "cf1000-memit.b1000"),
     ("EMMET μ = 0.001, batch 1000", "cf1000-emmet-mu0.001.b1000"),
+    ("MEMIT, ten batches of 100", "cf1000-memit.b100"),
+    ("EMMET μ = 0.001, ten batches of 100", "cf1000-emmet-mu0.001.b100"),
     ("ROME, each edit alone", "cf1000-rome"),
 ]
 ZSRE = [
