@@ -86,14 +86,22 @@ def _window(kind: str, layer: int, window: int, n_layers: int) -> list[int]:
     return list(range(lo, min(n_layers, lo + window)))
 
 
-def _noise(model: nn.Module, config: TraceConfig, rows: int, width: int, device) -> torch.Tensor:
-    """The same `samples` draws for every restoration batch (common random numbers: effects differ only by what
-    was restored), tiled to `rows` rows."""
+def _subject_noise(model: nn.Module, config: TraceConfig, width: int, first: int, last: int, device) -> torch.Tensor:
+    """ε for the `samples` draws, on the subject's tokens only: (samples, width, d). Drawn once per trace and
+    shared by every restoration batch (common random numbers: effects differ only by what was restored)."""
     embed = get_module(model, arch_for(model).embed).weight
     scale = config.noise * float(embed.detach().float().std())
     g = torch.Generator().manual_seed(config.seed)
     draws = torch.randn(config.samples, width, embed.shape[1], generator=g) * scale
-    return draws.repeat(rows // config.samples, 1, 1).to(device=device, dtype=embed.dtype)
+    draws[:, :first] = 0
+    draws[:, last + 1:] = 0
+    return draws.to(device=device, dtype=embed.dtype)
+
+
+def answer_token(tokenizer, prompt: str, answer: str) -> int | None:
+    """The first token of `answer` as a continuation of `prompt` (None if it tokenizes to nothing)."""
+    cont = encode_continuation(tokenizer, join_prompt_target(prompt, answer)[1])
+    return cont[0] if cont else None
 
 
 def trace_fact(model: nn.Module, tokenizer, prompt: str, subject: str, answer: str | None = None,
@@ -108,31 +116,28 @@ def trace_fact(model: nn.Module, tokenizer, prompt: str, subject: str, answer: s
             o = int(model(input_ids=x).logits[0, -1].argmax())
             answer = tokenizer.decode([o])
         else:
-            cont = encode_continuation(tokenizer, join_prompt_target(prompt, answer)[1])
-            if not cont:
+            o = answer_token(tokenizer, prompt, answer)
+            if o is None:
                 raise InputError(f"answer {answer!r} tokenizes to nothing")
-            o = cont[0]
-        sites = {(config.kind, l): _site(model, config.kind, l) for l in range(n_layers)}
-        with capture_io({l: m for (_, l), m in sites.items()}, inputs=False, outputs=True) as store:
+        sites = {l: _site(model, config.kind, l) for l in range(n_layers)}
+        with capture_io(sites, inputs=False, outputs=True) as store:
             p_clean = float(torch.softmax(model(input_ids=x).logits[0, -1].float(), -1)[o])
         clean = {l: store[l]["output"] for l in range(n_layers)}
         embed = get_module(model, arch_for(model).embed)
+        noise = _subject_noise(model, config, width, first, last, device)
 
         def p_answer(restore: list[tuple[list[int], int]]) -> torch.Tensor:
             """P(o) per noise draw, for each (layers, token) restoration in `restore` (empty list: none)."""
             runs = max(1, len(restore))
-            rows = runs * config.samples
-            noise = _noise(model, config, rows, width, device)
-            corrupt = lambda out: out + noise * _mask(width, first, last, device)  # noqa: E731
+            tiled = noise.repeat(runs, 1, 1)
             with ExitStack() as stack:
-                stack.enter_context(edit_output(embed, corrupt))
+                stack.enter_context(edit_output(embed, lambda out: out + tiled))
                 for l in range(n_layers):
                     targets = [(r, t) for r, (layers, t) in enumerate(restore) if l in layers]
                     if targets:
-                        stack.enter_context(edit_output(sites[(config.kind, l)],
-                                                        lambda out, l=l, targets=targets: _restore(
-                                                            out, clean[l], targets, config.samples)))
-                logits = model(input_ids=x.expand(rows, -1)).logits[:, -1].float()
+                        stack.enter_context(edit_output(sites[l], lambda out, l=l, targets=targets: _restore(
+                            out, clean[l], targets, config.samples)))
+                logits = model(input_ids=x.expand(runs * config.samples, -1)).logits[:, -1].float()
             return torch.softmax(logits, -1)[:, o].view(runs, config.samples).mean(1)
 
         p_corrupted = float(p_answer([])[0])
@@ -142,12 +147,6 @@ def trace_fact(model: nn.Module, tokenizer, prompt: str, subject: str, answer: s
             effect.append(p_answer([(layers, t) for t in range(width)]).cpu().tolist())
     tokens = [tokenizer.decode([i]) for i in ids]
     return Trace(prompt, subject, answer, tokens, (first, last), config.kind, p_clean, p_corrupted, effect)
-
-
-def _mask(width: int, first: int, last: int, device) -> torch.Tensor:
-    m = torch.zeros(1, width, 1, device=device)
-    m[:, first:last + 1] = 1
-    return m
 
 
 def _restore(out: torch.Tensor, clean: torch.Tensor, targets: list[tuple[int, int]], samples: int) -> torch.Tensor:
@@ -169,11 +168,11 @@ def known_facts(model: nn.Module, tokenizer, requests, limit: int) -> tuple[list
             if len(found) == limit:
                 break
             read += 1
-            if not r.target_true:
+            answer = answer_token(tokenizer, r.prompt, r.target_true) if r.target_true else None
+            if answer is None:
                 continue
-            answer = encode_continuation(tokenizer, join_prompt_target(r.prompt, r.target_true)[1])
             ids = torch.tensor([encode(tokenizer, r.prompt)], device=device)
-            if answer and int(model(input_ids=ids).logits[0, -1].argmax()) == answer[0]:
+            if int(model(input_ids=ids).logits[0, -1].argmax()) == answer:
                 found.append((r.prompt, r.subject, r.target_true))
     return found, read
 
