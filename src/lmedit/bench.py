@@ -161,6 +161,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def check_parts(parts, facts_file) -> None:
+    """Known parts only, and ft_vs_memit with its fact pool (checked before any model is loaded)."""
+    from lmedit.errors import InputError
+
+    if not parts or set(parts) - set(PARTS):
+        raise InputError(f"--parts must be a comma list of {', '.join(PARTS)}, got {','.join(parts)!r}")
+    if "ft_vs_memit" in parts and facts_file is None:
+        raise InputError("the ft_vs_memit part needs a facts file (--facts FILE: the random facts of "
+                         "FT-conditional + augmentation)")
+
+
 def run_bench(lm, requests, out: Path, parts=PARTS, *, facts_file: Path | None = None, sizes=(10, 100),
               values_n: int = 100, reference_n: int = 20, stats_tokens: int = 20_000, scoring_n: int = 200,
               mass_n: int = 1000, keep_previous: bool = False) -> dict:
@@ -169,13 +180,9 @@ def run_bench(lm, requests, out: Path, parts=PARTS, *, facts_file: Path | None =
     from lmedit.errors import InputError
     from lmedit.stats.moments import load_or_compute
 
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        raise InputError(f"unknown bench part(s) {', '.join(sorted(unknown))}; the parts are {', '.join(PARTS)}")
-    if "ft_vs_memit" in parts and facts_file is None:
-        raise InputError("the ft_vs_memit part needs a facts file (the random facts of FT-conditional + augmentation)")
-    need = max([scoring_n] * ("scoring" in parts) + [values_n, reference_n] * ("values" in parts)
-               + list(sizes) * ("editors" in parts) + [mass_n] * ("ft_vs_memit" in parts) + [1])
+    check_parts(parts, facts_file)
+    needs = {"scoring": [scoring_n], "values": [values_n, reference_n], "editors": list(sizes), "ft_vs_memit": [mass_n]}
+    need = max((n for part in parts for n in needs[part]), default=1)
     if need > len(requests):
         raise InputError(f"the chosen parts need {need} records, the data has {len(requests)}")
     for method in ("rome", "memit", "emmet") if {"editors", "ft_vs_memit"} & set(parts) else ():

@@ -34,14 +34,13 @@ def register_bench(app: typer.Typer) -> None:
 
         Example: lmedit bench --data counterfact-edit.json --out bench --parts scoring,stats --scoring-n 100
         """
-        from lmedit.bench import PARTS, run_bench
+        from lmedit.bench import check_parts, run_bench
         from lmedit.cli import _load, console
         from lmedit.fileio import check_writable
         from lmedit.requests import load_requests
 
         chosen = [p.strip() for p in parts.split(",") if p.strip()]
-        if not chosen or set(chosen) - set(PARTS):
-            raise InputError(f"--parts must be a comma list of {', '.join(PARTS)}, got {parts!r}")
+        check_parts(chosen, facts)
         try:
             batch_sizes = [int(s) for s in sizes.split(",")]
         except ValueError:
@@ -50,8 +49,6 @@ def register_bench(app: typer.Typer) -> None:
                             ("--scoring-n", scoring_n), ("--mass-n", mass_n), *(("--sizes", s) for s in batch_sizes)):
             if value < 1:
                 raise InputError(f"{name} must be at least 1, got {value}")
-        if "ft_vs_memit" in chosen and facts is None:
-            raise InputError("the ft_vs_memit part needs --facts FILE (the random facts of FT-conditional + augmentation)")
         check_writable(out / "locate.json", force)
         requests = load_requests(data)
         lm = _load(model)

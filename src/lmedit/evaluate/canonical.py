@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from lmedit.errors import InputError
+from lmedit.evaluate.scoring import check_batch_size, score_rows
 from lmedit.fileio import iter_jsonl
 from lmedit.locate.batching import body, unembed
-from lmedit.evaluate.scoring import check_batch_size, score_rows
 from lmedit.locate.prompts import Scored, encode, encode_continuation
 
 Kind = Literal["raise", "lower", "balance", "prefer"]

@@ -112,8 +112,9 @@ def top1_match(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int =
             for s in score_pairs(model, tokenizer, pairs, batch_size, progress)]
 
 
-def _score_chunk(model: nn.Module, chunk: list, prompts: list, pad_id: int, device):
-    """Per-token log-probs and argmaxes of the targets of `chunk` (Scored rows).
+def _score_chunk(model: nn.Module, chunk: list, prompts: list[tuple[int, ...]], pad_id: int, device):
+    """Per-token log-probs and argmaxes of the targets of `chunk` (Scored rows); `prompts` holds each row's
+    whole prompt ids (`score_rows`), so equal tuples are one prompt.
 
     Each distinct prompt runs once, whole and left-padded, into a KV cache; its last position predicts the first
     token of every target of that prompt. Only targets of two tokens or more run again: target[:-1], right-padded,
@@ -128,11 +129,8 @@ def _score_chunk(model: nn.Module, chunk: list, prompts: list, pad_id: int, devi
         return _gather(model, chunk, hidden[tuple(torch.tensor(c, device=device) for c in zip(*at))], device)
     slot = {p: i for i, p in enumerate(distinct)}
     which = [slot[p] for p in prompts]
-    heads = {}
-    for s, p in zip(chunk, prompts):
-        heads.setdefault(p, s.ids[: s.first_target_pos + 1])  # the whole prompt
     longer = [r for r, s in enumerate(chunk) if len(s.target_ids) > 1]
-    prefix = SplitBatch.build([heads[p] for p in distinct], [len(heads[p]) for p in distinct], pad_id, device)
+    prefix = SplitBatch.build([list(p) for p in distinct], [len(p) for p in distinct], pad_id, device)
     out = body(model)(input_ids=prefix.prefix_ids, attention_mask=prefix.prefix_mask,
                       position_ids=(prefix.prefix_mask.cumsum(1) - 1).clamp(min=0),
                       past_key_values=DynamicCache() if longer else None, use_cache=bool(longer))

@@ -45,6 +45,10 @@ def data_digest(requests) -> str:
     return hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _whole(shard: dict) -> tuple:
+    return shard["of"], shard["n_total"], shard["data"]
+
+
 def merge_shards(results: list[dict], names: list[str]) -> dict:
     """One result from the N shard results of a run: records in order, metrics recomputed over all of them."""
     from lmedit.evaluate import counterfact, zsre
@@ -54,11 +58,10 @@ def merge_shards(results: list[dict], names: list[str]) -> dict:
             raise InputError(f"{name} is not a shard result (run `lmedit eval ... --shard k/N`)")
     first = results[0]
     for result, name in zip(results[1:], names[1:]):
-        for key in _SAME + ("shard_total",):
-            a = first["shard"] if key == "shard_total" else first.get(key)
-            b = result["shard"] if key == "shard_total" else result.get(key)
-            if key == "shard_total":
-                a, b = (a["of"], a["n_total"], a["data"]), (b["of"], b["n_total"], b["data"])
+        for key in _SAME + ("shard",):
+            a, b = first.get(key), result.get(key)
+            if key == "shard":  # the whole run's size and data, not this shard's place in it
+                key, a, b = "shard count or data", _whole(a), _whole(b)
             if a != b:
                 raise InputError(f"{name} and {names[0]} are shards of different runs ({key} differs)")
     n_shards = first["shard"]["of"]
