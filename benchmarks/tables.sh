@@ -2,7 +2,8 @@
 # The measured evaluation tables of the README (issues 4 and 5), one lmedit command per cell group.
 # Re-runnable: a group whose result files exist is skipped; an interrupted group resumes from its journal,
 # and v* already optimised for the same request on the same model is reused from the lmedit cache.
-# Usage: benchmarks/tables.sh STAGE...   (stages: cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000;
+# Usage: benchmarks/tables.sh STAGE...   (stages: cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000
+#        zsre500 ft1000;
 #        default: all, in that order)
 # Each command runs alone: two torch processes on a 2-core machine slow each other many times over.
 set -euo pipefail
@@ -74,7 +75,17 @@ cf1000() {  # 1000 edits at once (the curves' last point; batch sizes 1-100 come
   run cf1000-memit.b100 100 counterfact --data $CF --limit 1000 --method memit  # ten batches of 100
   run cf1000-emmet-mu0.001.b100 100 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001
 }
+zsre500() {  # all 500 zsRE records: MEMIT computes the v* that ROME and EMMET then reuse (batch mode edits the
+  # original model each time, so a request's v* is the same for every batch size)
+  run zsre500-memit 100,500 zsre --data $ZSRE --method memit
+  run zsre500-rome 1 zsre --data $ZSRE --method rome
+  run zsre500-emmet-mu0.001 100,500 zsre --data $ZSRE --method emmet --set mu=0.001
+}
+ft1000() {  # FT-conditional + augmentation, 1000 edits trained together (issue 5's comparison with cf1000-memit.b1000)
+  run cf1000-ftc-aug 1000 counterfact --data $CF --limit 1000 --method ft-conditional \
+    --set n_paraphrases=2 --set n_random_facts=2 --set facts_file=$DATA/counterfact/counterfact-train.json
+}
 
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000)
+[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000 zsre500 ft1000)
 for s in "${stages[@]}"; do "$s"; done

@@ -60,8 +60,9 @@ def eval_canonical(
         split: str = typer.Option("val", "--split", help=_SPLIT_HELP),
         select_split: Optional[str] = typer.Option(None, "--select-split", help="split the search selects on "
                                                    "(default: see --split), e.g. val when reporting on test"),
-        method: Optional[str] = typer.Option(None, "--method", help="ft | ft-conditional | lora | memit, or a comma "
-                                             "list (default with --all: all four)"),
+        method: Optional[str] = typer.Option(None, "--method", help="ft | ft-conditional | lora | memit | senses "
+                                             "(Backpack), or a comma list (default with --all: every method the "
+                                             "model can run)"),
         league: Optional[str] = typer.Option(None, "--league", help="ε of the league, e.g. 1e-5, or a comma list "
                                              "(default: 1e-3,1e-4,1e-5)"),
         out: Path = typer.Option(..., "--out", "-o", help="result JSON (with --all also OUT.md and OUT.png)"),
@@ -88,6 +89,9 @@ def eval_canonical(
         patience: Optional[int] = typer.Option(None, "--patience", help="stop a run after this many epochs in a "
                                                "row over every league's budget (default: train all epochs)"),
         seed: int = typer.Option(0, "--seed", help="the TPE sampler's seed"),
+        ensemble_with: Optional[str] = typer.Option(None, "--ensemble-with", help="a large model (same tokenizer) "
+                                                    "that --model, a Backpack, steers: logits_big + w x the "
+                                                    "Backpack's log-prob change, w halved until the budget holds"),
         force: bool = typer.Option(False, "--force", help="overwrite an existing output")) -> None:
     """Edit with canonical examples; score success change per degradation league (Hewitt et al. 2024).
 
@@ -150,9 +154,22 @@ def eval_canonical(
 
     # ---- the work
     lm = _load(model)
+    if ensemble_with:
+        from lmedit.models.arch import arch_for
+        from lmedit.models.ensemble import EnsembleLM
+        from lmedit.models.loading import LoadedModel
+
+        big = _load(ensemble_with)
+        ensemble = EnsembleLM(big.model, lm.model)
+        lm = LoadedModel(ensemble, big.tokenizer, arch_for(ensemble), f"{big.name}+backpack({lm.name})")
     protocol = cr.Protocol(str(general), n_docs=n_docs, max_tokens=max_tokens, leagues=tuple(leagues),
                            patience=patience)
     runner = cr.Runner(lm.model, lm.tokenizer, protocol, lm.name, cache=BaselineCache())
+    methods, cannot = cc.methods_for(lm.model, methods)
+    if cannot and not all_:
+        raise InputError(next(iter(cannot.values())))
+    if cannot:
+        console.print(f"--all on {lm.name}: skipping " + "; ".join(cannot.values()))
     for m in methods:
         if m != "memit" or any(t in cc.SUBJECT_FIELDS for t in tasks):  # bad --set values, before any run
             cc.make_settings(m, lm.model, lm.name, cc.overrides_for(m, fixed, strict=not table_mode))

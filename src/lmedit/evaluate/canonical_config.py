@@ -18,7 +18,7 @@ from lmedit.editors import optional_float
 from lmedit.errors import InputError
 from lmedit.evaluate.canonical import CanonicalTask, LossOptions, get_task, load_task
 
-METHODS = ("ft", "ft-conditional", "lora", "memit")
+METHODS = ("ft", "ft-conditional", "lora", "memit", "senses")  # senses: Backpack models only
 SUBJECT_FIELDS = {"country_capital": "country", "company_ceo": "company"}  # memit: the field naming the subject
 ANSWER_FIELDS = {"country_capital": "capital", "company_ceo": "ceo"}  # and the one naming the answer
 HALVES = ("a", "b")
@@ -113,7 +113,38 @@ class LoraSettings(TrainSettings):
     alpha: float = 16.0  # ΔW = (alpha / r) B A
 
 
-SETTINGS = {"ft": FtSettings, "ft-conditional": TrainSettings, "lora": LoraSettings}
+@dataclass
+class SenseSettings(TrainSettings):
+    """Sense fine-tuning of a Backpack (editors/senses.py); defaults inside the reference sweep's ranges
+    (lr 10^-4..10^-1.5, 5..12 senses per example, λ 10^2..10^3.5)."""
+
+    lr: float = 1e-3  # the deltas start at zero and touch a few vectors only: a large step
+    senses_per_example: int = 8  # each canonical example's top (token, sense) pairs; the union is trained
+    sense_lambda: float = 300.0  # λ: weight of the background's α in the score
+    background_docs: int = 64  # background documents (the offline Wikipedia leads), each cut to 128 tokens
+
+
+SETTINGS = {"ft": FtSettings, "ft-conditional": TrainSettings, "lora": LoraSettings, "senses": SenseSettings}
+
+
+def methods_for(model, methods) -> tuple[list[str], dict[str, str]]:
+    """(the methods this model can run, {method: why not} for the others): senses needs a Backpack, memit a KV
+    cache (which a Backpack has not)."""
+    from lmedit.models.arch import arch_for
+    from lmedit.models.backpack import MODEL_TYPE
+
+    from lmedit.models.ensemble import MODEL_TYPE as ENSEMBLE
+
+    arch = arch_for(model)
+    if arch.model_type == ENSEMBLE:  # only the Backpack's senses are trained; the large model stays as it is
+        why = {m: f"{m} cannot edit an ensemble (only senses can)" for m in METHODS if m != "senses"}
+    else:
+        why = {"senses": None if arch.model_type == MODEL_TYPE else f"senses needs a Backpack model, not "
+                                                                     f"{arch.model_type}",
+               "memit": None if arch.kv_cache else f"memit needs a model with a KV cache, which {arch.model_type} "
+                                                   "has not"}
+    cannot = {m: why[m] for m in methods if why.get(m)}
+    return [m for m in methods if m not in cannot], cannot
 
 
 def check_method(method: str, task: str | None = None) -> str:
@@ -189,11 +220,20 @@ def check_settings(settings: TrainSettings, model) -> tuple[LossOptions, tuple[i
         raise InputError(f"LoRA needs rank >= 1 and alpha > 0, got rank={settings.rank}, alpha={settings.alpha}")
     if isinstance(settings, FtSettings) and not settings.prefix_weight >= 0:
         raise InputError(f"prefix_weight must be >= 0, got {settings.prefix_weight}")
+    options = LossOptions(settings.normalize, settings.lower, settings.floor, settings.balance, settings.margin)
+    if isinstance(settings, SenseSettings):  # trains sense deltas only: modules and layers do not apply
+        from lmedit.editors.senses import check_backpack
+
+        check_backpack(model)
+        if settings.senses_per_example < 1 or settings.background_docs < 1:
+            raise InputError("senses_per_example and background_docs must be at least 1")
+        if not (math.isfinite(settings.sense_lambda) and settings.sense_lambda >= 0):
+            raise InputError(f"sense_lambda must be a finite number >= 0, got {settings.sense_lambda}")
+        return options, ()
     if not settings.modules:
         raise InputError("modules must name at least one module, role or 'all'")
     layers = tuple(settings.layers) or tuple(range(num_layers(model)))
     for layer in layers:
         check_layer(model, layer)
     trainable_parameters(model, layers, tuple(settings.modules))  # unknown names fail here, before any work
-    options = LossOptions(settings.normalize, settings.lower, settings.floor, settings.balance, settings.margin)
     return options, layers

@@ -16,6 +16,8 @@ Methods (`METHODS`):
   loss IS the task loss (raise: −log P(suffix | prefix) per token; lower/balance/prefer: their suffix losses),
   so ft-conditional is exactly the paper's fine-tuning baseline.
 - `lora`: LoRA adapters (`lora.lora_adapters`) on the chosen modules, trained with the task loss.
+- `senses`: Backpack sense fine-tuning (editors/senses.py): zero-initialised deltas on the (token, sense) pairs
+  that carry the canonical examples' predictions, chosen once before training; no weight moves.
 - `memit`: the locate-then-edit core on requests (prompt = prefix, subject, target_new = suffix) built from
   the canonical examples. Only country_capital (subject = the record's `country`) and company_ceo (`company`)
   name a subject; the other four tasks have none to locate (a temporal entity, a stereotype target, a
@@ -139,9 +141,15 @@ class Runner:
         p = self.protocol
         widest = max(p.leagues)
         within = None if before is None else (lambda point: admissible(point, before, widest))
-        return degradation.evaluate_point(self.model, self.tokenizer, task, self.general_texts,
-                                          max_tokens=p.max_tokens, targeted_max_tokens=p.targeted_max_tokens,
-                                          batch_size=p.eval_batch_size, within=within)
+
+        def point():
+            return degradation.evaluate_point(self.model, self.tokenizer, task, self.general_texts,
+                                              max_tokens=p.max_tokens, targeted_max_tokens=p.targeted_max_tokens,
+                                              batch_size=p.eval_batch_size, within=within)
+
+        if not hasattr(self.model, "fit_weight"):
+            return point()
+        return self.model.fit_weight(point, within)
 
     def run(self, task: CanonicalTask, method: str, settings=None, *, on_diverge: Literal["raise", "record"] = "raise",
             announce: Callable[[str], None] | None = None) -> dict:
@@ -248,6 +256,29 @@ def _train_lora(runner, task, settings: LoraSettings, options, layers, before, a
     with lora_adapters(runner.model, targets, settings.rank, settings.alpha, settings.seed):
         params = {n: p for n, p in runner.model.named_parameters() if p.requires_grad}  # A and B only
         return _train_epochs(runner, task, params, settings, options, 0.0, before, announce)
+
+
+def _train_senses(runner, task, settings, options, before, announce):
+    """Backpack sense fine-tuning: choose senses (editors/senses.py), train only their deltas; the choice is
+    recorded in the first epoch's point."""
+    from lmedit.editors import senses as se
+    from lmedit.evaluate.canonical import _pairs_of
+    from lmedit.stats.corpora import wiki_corpus
+
+    model, tokenizer = runner.model, runner.tokenizer
+    t0 = time.perf_counter()
+    background = se.background_mass(model, tokenizer, wiki_corpus().documents[:settings.background_docs])
+    chosen = se.select_senses(model, tokenizer, task.kind, [_pairs_of(task.kind, [ex]) for ex in task.train],
+                              background, settings.senses_per_example, settings.sense_lambda)
+    select_seconds = time.perf_counter() - t0
+    with se.attached_senses(model, chosen) as edits:
+        trace = _train_epochs(runner, task, {"backpack.sense_edits.vectors": edits.vectors}, settings, options, 0.0,
+                              before, announce)
+    if trace:
+        trace[0]["senses"] = {"n": len(chosen), "select_seconds": select_seconds,
+                              "top": [{"token": tokenizer.decode([c.token]), "sense": c.sense, "score": c.score}
+                                      for c in chosen[:20]]}
+    return trace
 
 
 # ---------------------------------------------------------------- memit
@@ -383,6 +414,8 @@ def run_canonical(runner: Runner, task: CanonicalTask, method: str, settings=Non
         try:
             if method == "lora":
                 trace = _train_lora(runner, task, settings, options, layers, before, announce)
+            elif method == "senses":
+                trace = _train_senses(runner, task, settings, options, before, announce)
             else:
                 weight = settings.prefix_weight if method == "ft" else 0.0
                 trace = _train_weights(runner, task, settings, options, layers, weight, before, announce)

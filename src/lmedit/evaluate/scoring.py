@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from lmedit.errors import InputError
 from lmedit.locate.batching import SplitBatch, body, inference, right_pad, unembed
 from lmedit.locate.prompts import Scored, encode, with_target
+from lmedit.models.arch import arch_for
 
 Pair = tuple[str, str]
 
@@ -122,7 +123,8 @@ def _score_chunk(model: nn.Module, chunk: list, prompts: list[tuple[int, ...]], 
     prompt + target, and a prompt with k one-token targets costs one pass of its own tokens instead of k.
     """
     distinct = list(dict.fromkeys(prompts))
-    if len(distinct) == len(chunk):  # nothing shared: one plain right-padded pass is cheaper
+    if len(distinct) == len(chunk) or not arch_for(model).kv_cache:  # nothing shared (or no cache): one plain
+        # right-padded pass
         ids, mask = right_pad([s.ids for s in chunk], pad_id, device)
         hidden = body(model)(input_ids=ids, attention_mask=mask).last_hidden_state
         at = [(r, s.first_target_pos + j) for r, s in enumerate(chunk) for j in range(len(s.target_ids))]

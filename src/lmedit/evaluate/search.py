@@ -6,6 +6,8 @@ once on the REPORT split (`val:b`, or a split of its own such as `test`). Search
 - ft, ft-conditional: lr log-uniform, epochs 1..max_epochs, modules ∈ {mlp_out, attn_out+mlp_out, all}
   (at every layer);
 - lora: lr log-uniform, epochs, rank ∈ {1, 2, 4, 8, 16, 32};
+- senses (Backpack): lr log-uniform, epochs, senses_per_example 5..12, sense_lambda log-uniform 10²..10^3.5
+  (the reference sweep's ranges);
 - memit (no lr, no epochs): λ = mom2_weight log-uniform and the v* clamp `value.clamp_norm_factor` log-uniform.
 A setting given with --set is fixed and not sampled.
 
@@ -50,6 +52,9 @@ class SearchSpace:
     lora_lr: tuple[float, float] = (1e-6, 1e-1)
     ft_modules: tuple[str, ...] = ("mlp_out", "attn_out,mlp_out", "all")
     lora_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    sense_lr: tuple[float, float] = (1e-4, 3e-2)
+    senses_per_example: tuple[int, int] = (5, 12)
+    sense_lambda: tuple[float, float] = (1e2, 10 ** 3.5)
     memit_mom2_weight: tuple[float, float] = (1.0, 1e6)
     memit_clamp: tuple[float, float] = (0.05, 4.0)
 
@@ -65,15 +70,20 @@ def suggest(trial, method: str, space: SearchSpace, fixed: dict) -> dict:
     def want(name):
         return name not in fixed
 
-    if method in ("ft", "ft-conditional", "lora"):
-        lo, hi = space.lora_lr if method == "lora" else space.ft_lr
+    if method in ("ft", "ft-conditional", "lora", "senses"):
+        lo, hi = {"lora": space.lora_lr, "senses": space.sense_lr}.get(method, space.ft_lr)
         if want("lr"):
             out["lr"] = trial.suggest_float("lr", lo, hi, log=True)
         if want("epochs"):
             out["epochs"] = trial.suggest_int("epochs", 1, space.max_epochs)
         if method == "lora" and want("rank"):
             out["rank"] = trial.suggest_categorical("rank", list(space.lora_ranks))
-        if method != "lora" and want("modules"):
+        if method == "senses":
+            if want("senses_per_example"):
+                out["senses_per_example"] = trial.suggest_int("senses_per_example", *space.senses_per_example)
+            if want("sense_lambda"):
+                out["sense_lambda"] = trial.suggest_float("sense_lambda", *space.sense_lambda, log=True)
+        elif method != "lora" and want("modules"):
             out["modules"] = trial.suggest_categorical("modules", list(space.ft_modules))
     else:
         if want("mom2_weight"):

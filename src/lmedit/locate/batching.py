@@ -73,7 +73,8 @@ def right_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Te
 
 def body(model: nn.Module) -> nn.Module:
     """The transformer without its unembedding (its output is already through the final norm)."""
-    return get_module(model, arch_for(model).layers.rsplit(".", 1)[0])
+    arch = arch_for(model)
+    return get_module(model, arch.body or arch.layers.rsplit(".", 1)[0])
 
 
 def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

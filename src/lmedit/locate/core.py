@@ -44,6 +44,9 @@ class LocateConfig:
     value: ValueConfig = field(default_factory=ValueConfig)
 
     def validate(self, model) -> None:
+        if not arch_for(model).kv_cache:  # v* runs its suffixes on the context prefixes' cached keys/values
+            raise InputError(f"ROME, MEMIT and EMMET need a model with a KV cache; {arch_for(model).model_type} "
+                             "has none (edit it with ft, ft-conditional, lora or, for a Backpack, senses)")
         if not self.layers:
             raise InputError("at least one edit layer is needed")
         for l in self.layers:

@@ -25,6 +25,8 @@ class Arch:
     unembed: str  # the output embedding (logits = unembed(final_norm(h)))
     embed: str  # the input token embedding
     transposed: bool = False  # weights stored (in, out), as GPT-2's Conv1D does
+    body: str | None = None  # the module whose last_hidden_state `unembed` reads; None = the parent of `layers`
+    kv_cache: bool = True  # whether the body can run on cached prefix keys/values (batched scoring, v*)
 
 
 _LLAMA_LIKE = dict(
@@ -53,6 +55,14 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("gemma2", **_LLAMA_LIKE),
         Arch("gemma3_text", **_LLAMA_LIKE),
         Arch("phi3", **{**_LLAMA_LIKE, "mlp_in": "mlp.gate_up_proj"}),
+        # Backpack (models/backpack.py): the roles are those of its contextualising GPT-2; the output that the
+        # tied embedding unembeds is the sense sum of `backpack`, which has no final norm of its own
+        Arch("backpack-gpt2", "backpack.gpt2_model.h", "mlp.c_proj", "mlp.c_fc", "attn.c_proj",
+             "backpack.gpt2_model.ln_f", "lm_head", "backpack.gpt2_model.wte", transposed=True, body="backpack",
+             kv_cache=False),
+        # models/ensemble.py: a large model steered by a Backpack's edit; it is evaluated, never edited itself,
+        # so it has no block roles, only a body (the ensemble logits) and an identity unembedding
+        Arch("lmedit-ensemble", "", "", "", "", "", "head", "", body="ensemble", kv_cache=False),
     ]
 }
 
@@ -68,6 +78,8 @@ def arch_for(model: nn.Module) -> Arch:
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
+    if not path:
+        raise InputError(f"a {arch_for(model).model_type} model has no such module (it cannot be edited directly)")
     module = model
     for part in path.split("."):
         module = getattr(module, part)

@@ -77,6 +77,10 @@ def gguf_source(spec: str) -> Path | None:
 def _load_hf_dir(path: Path | str, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lmedit.models.backpack import register
+
+    register()  # model_type backpack-gpt2 loads with lmedit's own code, never remote code
+
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     return model, tokenizer
@@ -137,6 +141,9 @@ def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> Lo
         if not (path / "config.json").is_file():
             raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")
         _check_model_type(path / "config.json")
+        if not any(path.glob("*.safetensors")):
+            raise InputError(f"{path} holds no .safetensors weights; lmedit never unpickles checkpoint files "
+                             "(convert pytorch_model.bin to model.safetensors first)")
         model, tokenizer = _load_hf_dir(path, local_files_only=True, trust_remote_code=trust_remote_code)
         return _finish(model, tokenizer, spec)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:

@@ -1,0 +1,220 @@
+"""Backpack models (models/backpack.py), sense fine-tuning (editors/senses.py) and the ensemble (models/ensemble.py),
+on a tiny random Backpack with SmolLM2's tokenizer and the hand-made country_capital files of test_canonical_run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmedit.editors import senses as se
+from lmedit.errors import InputError
+from lmedit.evaluate import canonical_config as cc
+from lmedit.evaluate import canonical_run as cr
+from lmedit.evaluate.degradation import BaselineCache
+from lmedit.evaluate.scoring import continuation_logprobs
+from lmedit.models.backpack import SenseEdits
+from lmedit.models.ensemble import EnsembleLM
+from lmedit.models.loading import load_model
+from test_canonical_run import GENERAL, SPLIT, _assert_unchanged, _snapshot, data_dir  # noqa: F401 (fixture)
+
+PUBLIC_NAMES = {  # parameter names of stanfordnlp/backpack-gpt2 beyond its GPT-2 (`backpack.gpt2_model.*`)
+    "backpack.sense_network.block.ln_1.weight", "backpack.sense_network.block.ln_1.bias",
+    "backpack.sense_network.block.ln_2.weight", "backpack.sense_network.block.ln_2.bias",
+    "backpack.sense_network.block.mlp.c_fc.weight", "backpack.sense_network.block.mlp.c_fc.bias",
+    "backpack.sense_network.block.mlp.c_proj.weight", "backpack.sense_network.block.mlp.c_proj.bias",
+    "backpack.sense_network.ln.weight", "backpack.sense_network.ln.bias",
+    "backpack.sense_network.final_mlp.c_fc.weight", "backpack.sense_network.final_mlp.c_fc.bias",
+    "backpack.sense_network.final_mlp.c_proj.weight", "backpack.sense_network.final_mlp.c_proj.bias",
+    "backpack.sense_weight_net.c_attn.weight", "backpack.sense_weight_net.c_attn.bias",
+}
+
+
+@pytest.fixture(scope="module")
+def bp(tiny_model):
+    return tiny_model("backpack-gpt2")
+
+
+def _ids(tok, text):
+    return torch.tensor([tok(text)["input_ids"]])
+
+
+def test_layout_matches_the_public_checkpoint(bp):
+    m = bp.model
+    names = set(m.state_dict())
+    assert PUBLIC_NAMES <= names
+    assert {n for n in names if not n.startswith("backpack.gpt2_model.")} - {"lm_head.weight"} == PUBLIC_NAMES
+    d, k = m.config.n_embd, m.config.num_senses
+    assert m.state_dict()["backpack.sense_network.final_mlp.c_proj.weight"].shape == (4 * d, k * d)  # Conv1D (in, out)
+    assert m.state_dict()["backpack.sense_weight_net.c_attn.weight"].shape == (2 * d, d)  # Linear (out, in)
+    assert m.lm_head.weight is m.backpack.gpt2_model.wte.weight  # tied
+
+
+def test_output_is_the_alpha_weighted_sum_of_senses(bp, tokenizer):
+    m, ids = bp.model, _ids(tokenizer, "The capital of France is Paris")
+    with torch.no_grad():
+        out = m.backpack(ids)
+        alpha = out.contextualization[0]  # (k, s, s)
+        senses = m.backpack.sense_network(m.backpack.gpt2_model.wte(ids))[0]  # (k, s, d)
+        s = ids.shape[1]
+        by_hand = torch.stack([sum(alpha[l, i, j] * senses[l, j] for l in range(alpha.shape[0]) for j in range(s))
+                               for i in range(s)])
+        assert torch.allclose(out.last_hidden_state[0], by_hand, atol=1e-5)
+        assert torch.allclose(alpha.sum(-1), torch.ones(alpha.shape[:2]), atol=1e-6)  # a softmax per sense
+        assert float(alpha.triu(1).abs().max()) == 0.0  # causal
+        assert torch.allclose(m(ids).logits[0], by_hand @ m.backpack.gpt2_model.wte.weight.T, atol=1e-4)
+
+
+def test_left_padding_equals_no_padding_and_scoring_needs_no_cache(bp, tokenizer):
+    m, ids = bp.model, _ids(tokenizer, "The capital of France is")
+    pad = torch.full((1, 3), tokenizer.pad_token_id)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    with torch.no_grad():
+        plain = m(ids).logits
+        padded = m(torch.cat([pad, ids], 1), attention_mask=mask).logits[:, 3:]
+    assert torch.allclose(plain, padded, atol=1e-5)
+    pairs = [("The capital of France is", " Paris"), ("The capital of France is", " Rome is big"),
+             ("Berlin is in", " Germany")]
+    got = continuation_logprobs(m, tokenizer, pairs, batch_size=8)
+    for (prompt, target), lps in zip(pairs, got):
+        p, t = tokenizer(prompt)["input_ids"], tokenizer(target, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = m(torch.tensor([p + t])).logits[0].log_softmax(-1)
+        want = [float(logp[len(p) - 1 + i, tok]) for i, tok in enumerate(t)]
+        assert lps == pytest.approx(want, abs=1e-4)
+
+
+def test_loads_a_local_directory_without_remote_code(bp, tokenizer, tmp_path):
+    d = tmp_path / "backpack"
+    bp.model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    config = json.loads((d / "config.json").read_text())  # as the public checkpoint's: remote code announced
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_backpack_gpt2.BackpackGPT2LMHeadModel"}
+    (d / "config.json").write_text(json.dumps(config))
+    lm = load_model(str(d))
+    assert lm.arch.model_type == "backpack-gpt2"
+    ids = _ids(tokenizer, "Hello there")
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, bp.model(ids).logits)
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(InputError, match="never unpickles"):
+        load_model(str(d))
+
+
+def test_locate_methods_refuse_a_model_without_kv_cache(bp):
+    from lmedit.editors import make_config
+
+    config = make_config("rome", "tiny", bp.model, {"layers": "1"})
+    with pytest.raises(InputError, match="KV cache"):
+        config.validate(bp.model)
+
+
+def test_zero_sense_edits_change_nothing_and_an_edit_only_reaches_its_token(bp, tokenizer):
+    m = bp.model
+    paris = tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
+    with_paris, without = _ids(tokenizer, "I love Paris in spring"), _ids(tokenizer, "I love Rome in spring")
+    with torch.no_grad():
+        base = [m(x).logits for x in (with_paris, without)]
+        m.backpack.sense_edits = SenseEdits([paris], [2], m.config.n_embd)
+        try:
+            assert all(torch.equal(m(x).logits, b) for x, b in zip((with_paris, without), base))  # Δ = 0
+            m.backpack.sense_edits.vectors.normal_()
+            assert torch.equal(m(without).logits, base[1])  # no Paris, no change
+            moved = (m(with_paris).logits - base[0]).abs().amax(-1)[0]
+            at = with_paris[0].tolist().index(paris)
+            assert float(moved[:at].max()) == 0.0 and float(moved[at:].min()) > 0  # from Paris onwards only
+        finally:
+            m.backpack.sense_edits = None
+
+
+def test_sense_selection_scores(bp, tokenizer, tiny_model):
+    m = bp.model
+    pairs = [[("The capital of Albania is", " Tirana")], [("The capital of Andorra is", " Andorra la Vella")]]
+    background = se.background_mass(m, tokenizer, ["The city is large.", "The capital of the world."])
+    chosen = se.select_senses(m, tokenizer, "raise", pairs, background, per_example=3, lam=0.0)
+    assert 3 <= len(chosen) <= 6
+    example_tokens = {t for (p, s), in pairs for t in tokenizer(p + s)["input_ids"]}
+    assert {c.token for c in chosen} <= example_tokens  # only senses the example's predictions read
+    # the best pair's score, recomputed by hand: α over the rows predicting " Tirana"'s tokens, summed per source
+    p, s = tokenizer("The capital of Albania is")["input_ids"], tokenizer(" Tirana", add_special_tokens=False)["input_ids"]
+    ids = p + s[:-1]
+    with torch.no_grad():
+        alpha = m.backpack(torch.tensor([ids])).contextualization[0]
+    rows = alpha[:, len(p) - 1:].sum(1)  # (k, source)
+    mass = {}
+    for j, tok in enumerate(ids):
+        for l in range(rows.shape[0]):
+            mass[(tok, l)] = mass.get((tok, l), 0.0) + float(rows[l, j])
+    best = max(mass, key=mass.get)
+    assert any((c.token, c.sense) == best and c.score == pytest.approx(mass[best], rel=1e-5) for c in chosen)
+    # a large λ pushes out senses that the background uses
+    heavy = se.select_senses(m, tokenizer, "raise", pairs, background, per_example=3, lam=1e6)
+    bg = {(c.token, c.sense): float(background[c.token, c.sense]) for c in heavy}
+    assert max(bg.values()) <= max(float(background[c.token, c.sense]) for c in chosen)
+    with pytest.raises(InputError, match="Backpack"):
+        se.select_senses(tiny_model("llama").model, tokenizer, "raise", pairs, background)
+
+
+def test_canonical_senses_run_trains_only_deltas_and_restores_the_model(bp, data_dir, tmp_path,  # noqa: F811
+                                                                       tiny_model):
+    task = cc.load_split("country_capital", data_dir, SPLIT)
+    protocol = cr.Protocol(str(GENERAL), n_docs=4, max_tokens=48, leagues=(1e-3, 10.0))
+    runner = cr.Runner(bp.model, bp.tokenizer, protocol, "tiny-backpack", cache=BaselineCache(tmp_path / "c"))
+    settings = cc.make_settings("senses", bp.model, "tiny-backpack",
+                                {"lr": "0.3", "epochs": "3", "batch_size": "4", "background_docs": "4"})
+    snap = _snapshot(bp.model)
+    result = runner.run(task, "senses", settings)
+    _assert_unchanged(bp.model, snap)
+    assert bp.model.backpack.sense_edits is None
+    trace = result["trace"]
+    assert [p["epoch"] for p in trace] == [1, 2, 3]
+    assert trace[0]["senses"]["n"] >= 8  # 4 examples x 8 senses, overlapping
+    assert trace[-1]["train_loss"] < trace[0]["train_loss"]  # the deltas learn
+    assert trace[-1]["targeted_loss"] != result["unedited"]["targeted_loss"]  # and they act on the evaluation
+    with pytest.raises(InputError, match="Backpack"):
+        cc.check_settings(cc.make_settings("senses", None, ""), tiny_model("llama").model)
+
+
+def test_methods_for_each_kind_of_model(bp, tiny_model):
+    llama = tiny_model("llama").model
+    assert cc.methods_for(llama, cc.METHODS)[0] == ["ft", "ft-conditional", "lora", "memit"]
+    runs, why = cc.methods_for(bp.model, cc.METHODS)
+    assert runs == ["ft", "ft-conditional", "lora", "senses"] and "KV cache" in why["memit"]
+    assert cc.methods_for(EnsembleLM(llama, bp.model), cc.METHODS)[0] == ["senses"]
+
+
+def test_ensemble_is_the_big_model_until_the_backpack_is_edited(bp, tiny_model, tokenizer):
+    big = tiny_model("llama").model
+    ens = EnsembleLM(big, bp.model, weight=0.5)
+    ids = _ids(tokenizer, "The capital of France is Paris")
+    with torch.no_grad():
+        assert torch.equal(ens(ids).logits, big(ids).logits.float())
+        original = bp.model(ids).logits.log_softmax(-1)
+        bp.model.backpack.sense_edits = SenseEdits([ids[0, 2].item()], [1], bp.model.config.n_embd)
+        try:
+            bp.model.backpack.sense_edits.vectors.normal_()
+            edited = bp.model(ids).logits.log_softmax(-1)
+            want = big(ids).logits + 0.5 * (edited - original)
+            assert torch.allclose(ens(ids).logits, want, atol=1e-5)
+            assert not torch.allclose(ens(ids).logits, big(ids).logits, atol=1e-3)
+        finally:
+            bp.model.backpack.sense_edits = None
+    small_vocab = tiny_model("backpack-gpt2", vocab_size=1000).model
+    with pytest.raises(InputError, match="vocabulary"):
+        EnsembleLM(big, small_vocab)
+
+
+def test_ensemble_weight_halves_until_the_budget_holds(bp, tiny_model):
+    ens = EnsembleLM(tiny_model("llama").model, bp.model, weight=1.0, halvings=4)
+    seen = []
+
+    def evaluate():  # the loss grows with w: admissible from w <= 0.25 on
+        seen.append(ens.w)
+        return {"general_loss": 1 + ens.w, "targeted_loss": 1.0}
+
+    point = ens.fit_weight(evaluate, lambda p: p["general_loss"] <= 1.3)
+    assert seen == [1.0, 0.5, 0.25] and point["ensemble_weight"] == 0.25 and ens.w == 1.0
+    seen.clear()
+    point = ens.fit_weight(evaluate, lambda p: False)  # never within: stops after 4 halvings
+    assert seen == [1.0, 0.5, 0.25, 0.125, 0.0625] and point["ensemble_weight"] == 0.0625
