@@ -4,10 +4,12 @@ on a tiny random Backpack with SmolLM2's tokenizer and the hand-made country_cap
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 
+from lmedit import cli
 from lmedit.editors import senses as se
 from lmedit.errors import InputError
 from lmedit.evaluate import canonical_config as cc
@@ -218,3 +220,63 @@ def test_ensemble_weight_halves_until_the_budget_holds(bp, tiny_model):
     seen.clear()
     point = ens.fit_weight(evaluate, lambda p: False)  # never within: stops after 4 halvings
     assert seen == [1.0, 0.5, 0.25, 0.125, 0.0625] and point["ensemble_weight"] == 0.0625
+
+
+# ---------------------------------------------------------------- training a small Backpack
+
+def test_training_resumes_exactly_and_learns(tokenizer, tiny_model, tmp_path):
+    from lmedit.models.backpack_train import BackpackTrainConfig, train_backpack
+    from lmedit.stats.corpora import Corpus
+
+    corpus = Corpus("test", tuple(f"The capital of country {i} is city {i}. It lies by the sea." for i in range(60)))
+    cfg = BackpackTrainConfig(layers=1, dim=16, heads=2, senses=4, seq_len=16, batch_size=4, steps=6, lr=3e-3,
+                              warmup=1, checkpoint_every=2)
+    big_embedding = tiny_model("llama").model.get_input_embeddings().weight
+    whole = train_backpack(tmp_path / "whole", tokenizer, corpus, cfg, embeddings_from=big_embedding, progress=False)
+    first = train_backpack(tmp_path / "parts", tokenizer, corpus, cfg, embeddings_from=big_embedding,
+                           max_new_steps=4, progress=False)
+    assert first["step"] == 4
+    rest = train_backpack(tmp_path / "parts", tokenizer, corpus, cfg, resume=True, progress=False)
+    assert rest["step"] == 6 and rest["losses"] == whole["losses"]  # same batches, same moments, same numbers
+    a, b = load_model(str(tmp_path / "whole")).model, load_model(str(tmp_path / "parts")).model
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name  # bit-exact
+    assert whole["losses"][-1] < whole["losses"][0]  # it learns
+    with pytest.raises(InputError, match="other settings"):
+        train_backpack(tmp_path / "parts", tokenizer, corpus, BackpackTrainConfig(**{**cfg.__dict__, "dim": 32}),
+                       resume=True, progress=False)
+
+
+def test_cli_backpack_train_refuses_bad_input(tmp_path, monkeypatch, capsys):
+    from test_cli import assert_one_line_error, run_cli
+
+    out = str(tmp_path / "b")
+    assert_one_line_error(*run_cli(monkeypatch, capsys, "backpack", "train", "--out", out, "--dim", "30"), "divisible")
+    (tmp_path / "b").mkdir()
+    assert_one_line_error(*run_cli(monkeypatch, capsys, "backpack", "train", "--out", out), "--resume")
+    assert_one_line_error(*run_cli(monkeypatch, capsys, "backpack", "train", "--out", out, "--resume"),
+                          "nothing to resume")
+
+
+def test_cli_canonical_senses_on_an_ensemble(bp, tiny_model, data_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from test_cli import assert_one_line_error, run_cli
+
+    small, big = tmp_path / "backpack", tmp_path / "llama"
+    for lm, d in ((bp, small), (tiny_model("llama"), big)):
+        lm.model.save_pretrained(d)
+        lm.tokenizer.save_pretrained(d)
+    capsys.readouterr()  # the save's progress bars
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
+    common = ["eval", "canonical", "--task", "country_capital", "--data-dir", str(data_dir), "--split", SPLIT,
+              "--general-text", str(GENERAL), "--n-docs", "2", "--max-tokens", "32", "--epochs", "2",
+              "--league", "1e-3,10"]
+    assert_one_line_error(*run_cli(monkeypatch, capsys, *common, "--method", "senses", "--model", str(big),
+                                   "--out", str(tmp_path / "x.json")), "senses needs a Backpack")
+    out = tmp_path / "ens.json"
+    monkeypatch.setattr(sys, "argv", ["lmedit", *common, "--method", "senses", "--model", str(small), "--ensemble-with",
+                                      str(big), "--set", "lr=0.3", "--set", "background_docs=2", "--out", str(out)])
+    cli.main()  # returns on success
+    result = json.loads(out.read_text())
+    assert result["method"] == "senses" and result["model"].startswith(str(big))
+    assert [p["epoch"] for p in result["trace"]] == [1, 2]
+    assert all(0 < p["ensemble_weight"] <= 1 for p in result["trace"])

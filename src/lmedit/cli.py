@@ -397,6 +397,8 @@ from lmedit.cli_trace import register_trace  # noqa: E402  (registers `trace`)
 register_trace(app)
 from lmedit.cli_bench import register_bench  # noqa: E402  (registers `bench`)
 register_bench(app)
+from lmedit.cli_backpack import register_backpack  # noqa: E402  (registers `backpack train`)
+register_backpack(app)
 
 
 def main() -> None:
