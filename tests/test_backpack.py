@@ -1,4 +1,4 @@
-"""Backpack models (models/backpack.py), sense fine-tuning (editors/senses.py) and the ensemble (models/ensemble.py),
+"""Backpack models (backpack/model.py), sense fine-tuning (backpack/senses.py) and the ensemble (backpack/ensemble.py),
 on a tiny random Backpack with SmolLM2's tokenizer and the hand-made country_capital files of test_canonical_run."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from lmedit import cli
-from lmedit.editors import senses as se
+from lmedit.backpack import senses as se
 from lmedit.errors import InputError
 from lmedit.evaluate import canonical_config as cc
 from lmedit.evaluate import canonical_run as cr
 from lmedit.evaluate.degradation import BaselineCache
 from lmedit.evaluate.scoring import continuation_logprobs
-from lmedit.models.backpack import SenseEdits
-from lmedit.models.ensemble import EnsembleLM
+from lmedit.backpack.model import SenseEdits
+from lmedit.backpack.ensemble import EnsembleLM
 from lmedit.models.loading import load_model
 from test_canonical_run import GENERAL, SPLIT, _assert_unchanged, _snapshot, data_dir  # noqa: F401 (fixture)
 
@@ -225,7 +225,7 @@ def test_ensemble_weight_halves_until_the_budget_holds(bp, tiny_model):
 # ---------------------------------------------------------------- training a small Backpack
 
 def test_training_resumes_exactly_and_learns(tokenizer, tiny_model, tmp_path):
-    from lmedit.models.backpack_train import BackpackTrainConfig, train_backpack
+    from lmedit.backpack.train import BackpackTrainConfig, train_backpack
     from lmedit.stats.corpora import Corpus
 
     corpus = Corpus("test", tuple(f"The capital of country {i} is city {i}. It lies by the sea." for i in range(60)))

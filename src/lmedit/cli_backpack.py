@@ -1,4 +1,4 @@
-"""`lmedit backpack train`: a small Backpack with a large model's tokenizer (models/backpack_train.py).
+"""`lmedit backpack train`: a small Backpack with a large model's tokenizer (backpack/train.py).
 
 Registered on the main app by `register_backpack(app)` at the end of cli.py.
 """
@@ -41,7 +41,7 @@ def register_backpack(app: typer.Typer) -> None:
         import shutil
 
         from lmedit.cli import _load, console
-        from lmedit.models.backpack_train import STATE_FILE, BackpackTrainConfig, train_backpack
+        from lmedit.backpack.train import STATE_FILE, BackpackTrainConfig, train_backpack
         from lmedit.stats.corpora import get_corpus
 
         cfg = BackpackTrainConfig(layers=layers, dim=dim, heads=heads, senses=senses, seq_len=seq_len,

@@ -156,7 +156,7 @@ def eval_canonical(
     lm = _load(model)
     if ensemble_with:
         from lmedit.models.arch import arch_for
-        from lmedit.models.ensemble import EnsembleLM
+        from lmedit.backpack.ensemble import EnsembleLM
         from lmedit.models.loading import LoadedModel
 
         big = _load(ensemble_with)

@@ -115,7 +115,7 @@ class LoraSettings(TrainSettings):
 
 @dataclass
 class SenseSettings(TrainSettings):
-    """Sense fine-tuning of a Backpack (editors/senses.py); defaults inside the reference sweep's ranges
+    """Sense fine-tuning of a Backpack (backpack/senses.py); defaults inside the reference sweep's ranges
     (lr 10^-4..10^-1.5, 5..12 senses per example, λ 10^2..10^3.5)."""
 
     lr: float = 1e-3  # the deltas start at zero and touch a few vectors only: a large step
@@ -131,9 +131,9 @@ def methods_for(model, methods) -> tuple[list[str], dict[str, str]]:
     """(the methods this model can run, {method: why not} for the others): senses needs a Backpack, memit a KV
     cache (which a Backpack has not)."""
     from lmedit.models.arch import arch_for
-    from lmedit.models.backpack import MODEL_TYPE
+    from lmedit.backpack.model import MODEL_TYPE
 
-    from lmedit.models.ensemble import MODEL_TYPE as ENSEMBLE
+    from lmedit.backpack.ensemble import MODEL_TYPE as ENSEMBLE
 
     arch = arch_for(model)
     if arch.model_type == ENSEMBLE:  # only the Backpack's senses are trained; the large model stays as it is
@@ -222,7 +222,7 @@ def check_settings(settings: TrainSettings, model) -> tuple[LossOptions, tuple[i
         raise InputError(f"prefix_weight must be >= 0, got {settings.prefix_weight}")
     options = LossOptions(settings.normalize, settings.lower, settings.floor, settings.balance, settings.margin)
     if isinstance(settings, SenseSettings):  # trains sense deltas only: modules and layers do not apply
-        from lmedit.editors.senses import check_backpack
+        from lmedit.backpack.senses import check_backpack
 
         check_backpack(model)
         if settings.senses_per_example < 1 or settings.background_docs < 1:

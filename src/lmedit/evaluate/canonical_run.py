@@ -16,7 +16,7 @@ Methods (`METHODS`):
   loss IS the task loss (raise: −log P(suffix | prefix) per token; lower/balance/prefer: their suffix losses),
   so ft-conditional is exactly the paper's fine-tuning baseline.
 - `lora`: LoRA adapters (`lora.lora_adapters`) on the chosen modules, trained with the task loss.
-- `senses`: Backpack sense fine-tuning (editors/senses.py): zero-initialised deltas on the (token, sense) pairs
+- `senses`: Backpack sense fine-tuning (backpack/senses.py): zero-initialised deltas on the (token, sense) pairs
   that carry the canonical examples' predictions, chosen once before training; no weight moves.
 - `memit`: the locate-then-edit core on requests (prompt = prefix, subject, target_new = suffix) built from
   the canonical examples. Only country_capital (subject = the record's `country`) and company_ceo (`company`)
@@ -259,9 +259,9 @@ def _train_lora(runner, task, settings: LoraSettings, options, layers, before, a
 
 
 def _train_senses(runner, task, settings, options, before, announce):
-    """Backpack sense fine-tuning: choose senses (editors/senses.py), train only their deltas; the choice is
+    """Backpack sense fine-tuning: choose senses (backpack/senses.py), train only their deltas; the choice is
     recorded in the first epoch's point."""
-    from lmedit.editors import senses as se
+    from lmedit.backpack import senses as se
     from lmedit.evaluate.canonical import _pairs_of
     from lmedit.stats.corpora import wiki_corpus
 

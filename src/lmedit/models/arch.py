@@ -55,12 +55,12 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("gemma2", **_LLAMA_LIKE),
         Arch("gemma3_text", **_LLAMA_LIKE),
         Arch("phi3", **{**_LLAMA_LIKE, "mlp_in": "mlp.gate_up_proj"}),
-        # Backpack (models/backpack.py): the roles are those of its contextualising GPT-2; the output that the
+        # Backpack (backpack/model.py): the roles are those of its contextualising GPT-2; the output that the
         # tied embedding unembeds is the sense sum of `backpack`, which has no final norm of its own
         Arch("backpack-gpt2", "backpack.gpt2_model.h", "mlp.c_proj", "mlp.c_fc", "attn.c_proj",
              "backpack.gpt2_model.ln_f", "lm_head", "backpack.gpt2_model.wte", transposed=True, body="backpack",
              kv_cache=False),
-        # models/ensemble.py: a large model steered by a Backpack's edit; it is evaluated, never edited itself,
+        # backpack/ensemble.py: a large model steered by a Backpack's edit; it is evaluated, never edited itself,
         # so it has no block roles, only a body (the ensemble logits) and an identity unembedding
         Arch("lmedit-ensemble", "", "", "", "", "", "head", "", body="ensemble", kv_cache=False),
     ]

@@ -77,7 +77,7 @@ def gguf_source(spec: str) -> Path | None:
 def _load_hf_dir(path: Path | str, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmedit.models.backpack import register
+    from lmedit.backpack.model import register
 
     register()  # model_type backpack-gpt2 loads with lmedit's own code, never remote code
 

@@ -1,5 +1,5 @@
 """Train a small Backpack with a large model's tokenizer on the offline corpus (DESIGN §6), so that its sense edits
-can steer that model (models/ensemble.py). Checkpoints as it goes and resumes exactly.
+can steer that model (backpack/ensemble.py). Checkpoints as it goes and resumes exactly.
 
 Data: the corpus's documents, tokenised and joined with EOS into one stream, cut into blocks of `seq_len` tokens;
 epoch e visits the blocks in a permutation drawn from seed + e, so step s always sees the same batch and a resumed
@@ -81,7 +81,7 @@ def batch_at(blocks: torch.Tensor, step: int, batch_size: int, seed: int) -> tor
 
 
 def new_backpack(cfg: BackpackTrainConfig, tokenizer, embeddings_from: torch.Tensor | None = None):
-    from lmedit.models.backpack import BackpackConfig, BackpackForCausalLM
+    from lmedit.backpack.model import BackpackConfig, BackpackForCausalLM
 
     torch.manual_seed(cfg.seed)
     config = BackpackConfig(vocab_size=len(tokenizer), n_embd=cfg.dim, n_layer=cfg.layers, n_head=cfg.heads,
@@ -146,7 +146,7 @@ def train_backpack(out: Path, tokenizer, corpus, cfg: BackpackTrainConfig, *, em
     `max_new_steps` stops this call early (after a checkpoint): a long run in time-boxed pieces, each resumed."""
     from transformers import AutoModelForCausalLM
 
-    from lmedit.models.backpack import register
+    from lmedit.backpack.model import register
 
     cfg.validate()
     out = Path(out)

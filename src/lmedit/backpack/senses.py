@@ -12,7 +12,7 @@ that changes a few sense vectors changes every prediction that reads them, and n
    balance: both), and A_background is the mean over background documents with every position predicting.
    A pair is a candidate only where A_example > 0.
 2. Per example, keep its top `senses_per_example` candidates; fine-tune the union.
-3. Train additive, zero-initialised deltas Δ(t, ℓ) on those senses only (`models.backpack.SenseEdits`); every
+3. Train additive, zero-initialised deltas Δ(t, ℓ) on those senses only (`backpack.model.SenseEdits`); every
    weight of the model stays as it is, so removing the deltas restores the model exactly.
 """
 
@@ -26,12 +26,12 @@ import torch
 
 from lmedit.errors import InputError
 from lmedit.models.arch import arch_for
-from lmedit.models.backpack import MODEL_TYPE, SenseEdits
+from lmedit.backpack.model import MODEL_TYPE, SenseEdits
 
 
 def backpack_of(model):
     """The Backpack whose senses an edit of `model` trains: the model itself, or an ensemble's small model."""
-    from lmedit.models.ensemble import MODEL_TYPE as ENSEMBLE
+    from lmedit.backpack.ensemble import MODEL_TYPE as ENSEMBLE
 
     kind = arch_for(model).model_type
     if kind == MODEL_TYPE:

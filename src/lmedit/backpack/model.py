@@ -7,7 +7,7 @@ sense), and the output at position i is
     o_i = Σ_j Σ_ℓ α_ℓij · C(x_j)_ℓ,        logits_i = E o_i        (E: the tied input embedding)
 
 so every prediction is a weighted sum of non-contextual sense vectors — which is what sense fine-tuning edits
-(`editors/senses.py`, DESIGN §6). The public model ships as remote code; lmedit implements it here so a local
+(`backpack/senses.py`, DESIGN §6). The public model ships as remote code; lmedit implements it here so a local
 copy loads without `trust_remote_code`, parameter names and shapes equal to the public ones
 (`backpack.gpt2_model.*`, `backpack.sense_network.*`, `backpack.sense_weight_net.c_attn`, tied `lm_head`).
 
