@@ -3,7 +3,7 @@
 # Re-runnable: a group whose result files exist is skipped; an interrupted group resumes from its journal,
 # and v* already optimised for the same request on the same model is reused from the lmedit cache.
 # Usage: benchmarks/tables.sh STAGE...   (stages: cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000
-#        zsre500 ft1000;
+#        cf1000small zsre500 ft1000;
 #        default: all, in that order)
 # Each command runs alone: two torch processes on a 2-core machine slow each other many times over.
 set -euo pipefail
@@ -75,6 +75,10 @@ cf1000() {  # 1000 edits at once (the curves' last point; batch sizes 1-100 come
   run cf1000-memit.b100 100 counterfact --data $CF --limit 1000 --method memit  # ten batches of 100
   run cf1000-emmet-mu0.001.b100 100 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001
 }
+cf1000small() {  # batch sizes 1 and 10 on the 1000 records (every v* reused from cf1000's MEMIT run)
+  run cf1000-memit 1,10 counterfact --data $CF --limit 1000 --method memit
+  run cf1000-emmet-mu0.001 1,10 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001
+}
 zsre500() {  # all 500 zsRE records: MEMIT computes the v* that ROME and EMMET then reuse (batch mode edits the
   # original model each time, so a request's v* is the same for every batch size)
   run zsre500-memit 100,500 zsre --data $ZSRE --method memit
@@ -87,5 +91,5 @@ ft1000() {  # FT-conditional + augmentation, 1000 edits trained together (issue 
 }
 
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000 zsre500 ft1000)
+[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000 cf1000small zsre500 ft1000)
 for s in "${stages[@]}"; do "$s"; done

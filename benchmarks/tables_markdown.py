@@ -36,11 +36,23 @@ COUNTERFACT = [  # (label, result file stem)
     ("LoRA, each edit alone", "cf100-lora-single"),
 ]
 COUNTERFACT_1000 = [
+    ("MEMIT, batch 1", "cf1000-memit.b1"),
+    ("MEMIT, batch 10", "cf1000-memit.b10"),
+    ("EMMET μ = 0.001, batch 1", "cf1000-emmet-mu0.001.b1"),
+    ("EMMET μ = 0.001, batch 10", "cf1000-emmet-mu0.001.b10"),
     ("MEMIT (= EMMET μ = 0.1, λ = 5000), batch 1000", "cf1000-memit.b1000"),
     ("EMMET μ = 0.001, batch 1000", "cf1000-emmet-mu0.001.b1000"),
     ("MEMIT, ten batches of 100", "cf1000-memit.b100"),
     ("EMMET μ = 0.001, ten batches of 100", "cf1000-emmet-mu0.001.b100"),
     ("ROME, each edit alone", "cf1000-rome"),
+    ("FT-conditional + augmentation (m = r = 2), mass 1000", "cf1000-ftc-aug"),
+]
+ZSRE_500 = [
+    ("ROME, each edit alone", "zsre500-rome"),
+    ("MEMIT, five batches of 100", "zsre500-memit.b100"),
+    ("MEMIT, batch 500", "zsre500-memit.b500"),
+    ("EMMET μ = 0.001, five batches of 100", "zsre500-emmet-mu0.001.b100"),
+    ("EMMET μ = 0.001, batch 500", "zsre500-emmet-mu0.001.b500"),
 ]
 ZSRE = [
     ("ROME, each edit alone", "zsre100-rome"),
@@ -85,6 +97,9 @@ def main() -> None:
     zsre = table(ZSRE, ZSRE_METRICS)
     if zsre:
         out += ["", "### zsRE, first 100 records of zsre-500.json", ""] + zsre
+    zsre500 = table(ZSRE_500, ZSRE_METRICS)
+    if zsre500:
+        out += ["", "### zsRE, all 500 records", ""] + zsre500
     out += ["", "† v* taken from an earlier run on the same model (identical optimisation); s/edit leaves it out."]
     print("\n".join(out))
 
