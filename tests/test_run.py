@@ -254,3 +254,16 @@ def test_shards_merge_to_the_unsharded_run(tiny_model, tmp_path, monkeypatch, ca
                                       str(tmp_path / "s3.json"), "--out", str(tmp_path / "merged.json")])
     cli.main()
     assert json.loads((tmp_path / "merged.json").read_text())["metrics"] == merged["metrics"]
+
+
+def test_a_finished_sequential_run_leaves_no_journal_behind(tiny_model, tmp_path):
+    from lmedit.evaluate.run import discard_journal
+
+    lm = _editable(tiny_model("llama"))
+    journal = tmp_path / "run.json.journal.jsonl"
+    run_edit_eval(lm, "memit", REQUESTS, batch_size=1, sequential=True, overrides=FAST, progress=False,
+                  announce=lambda *_: None, journal=journal)
+    patches = journal.with_name(journal.name + ".patches")
+    assert journal.is_file() and len(list(patches.iterdir())) == len(REQUESTS)  # what a resume would need
+    discard_journal(journal)
+    assert not journal.exists() and not patches.exists()

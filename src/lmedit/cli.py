@@ -146,7 +146,7 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
               batch_size: Optional[str], sequential: bool, sets: Optional[list[str]], force: bool,
               resume: bool, fluency: bool = False, reuse_values: bool = True, shard: Optional[str] = None) -> None:
     from lmedit.editors import get_editor
-    from lmedit.evaluate.run import run_edit_eval
+    from lmedit.evaluate.run import discard_journal, run_edit_eval
     from lmedit.fileio import atomic_write_json, check_writable
     from lmedit.requests import load_requests
 
@@ -202,7 +202,7 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
         if part is not None:
             result["shard"] = part
         atomic_write_json(o, result)
-        j.unlink(missing_ok=True)
+        discard_journal(j)
         console.print(_metrics_table(result))
         t = result["timing"]
         console.print(f"edit {t['edit_seconds']:.1f}s ({t['seconds_per_edit']:.2f}s/edit), eval {t['eval_seconds']:.1f}s,"

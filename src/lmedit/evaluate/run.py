@@ -44,6 +44,15 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def discard_journal(path: Path) -> None:
+    """Remove a finished run's journal and the patches a sequential run saved beside it (`Journal.patch_dir`):
+    the result file now holds everything."""
+    path.unlink(missing_ok=True)
+    patches = path.with_name(path.name + ".patches")
+    if patches.exists():
+        shutil.rmtree(patches)
+
+
 class Journal:
     """Append-only JSONL record of a run; each line is flushed as soon as its work is done."""
 
@@ -66,7 +75,7 @@ class Journal:
 
     @property
     def patch_dir(self) -> Path:
-        return self.path.with_name(self.path.name + ".patches")
+        return self.path.with_name(self.path.name + ".patches")  # where sequential runs keep their patches
 
     def find(self, key: str, value=True) -> dict | None:
         return next((l for l in self.lines if l.get(key) == value), None)
