@@ -60,9 +60,9 @@ def eval_canonical(
         split: str = typer.Option("val", "--split", help=_SPLIT_HELP),
         select_split: Optional[str] = typer.Option(None, "--select-split", help="split the search selects on "
                                                    "(default: see --split), e.g. val when reporting on test"),
-        method: Optional[str] = typer.Option(None, "--method", help="ft | ft-conditional | lora | memit | senses "
-                                             "(Backpack), or a comma list (default with --all: every method the "
-                                             "model can run)"),
+        method: Optional[str] = typer.Option(
+            None, "--method", help="ft | ft-conditional | lora | memit | senses (Backpack), or a comma list "
+                                   "(default with --all: every method the model can run)"),
         league: Optional[str] = typer.Option(None, "--league", help="ε of the league, e.g. 1e-5, or a comma list "
                                              "(default: 1e-3,1e-4,1e-5)"),
         out: Path = typer.Option(..., "--out", "-o", help="result JSON (with --all also OUT.md and OUT.png)"),
