@@ -91,14 +91,17 @@ def test_loads_a_local_directory_without_remote_code(bp, tokenizer, tmp_path):
     d = tmp_path / "backpack"
     bp.model.save_pretrained(d)
     tokenizer.save_pretrained(d)
-    config = json.loads((d / "config.json").read_text())  # as the public checkpoint's: remote code announced
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_backpack_gpt2.BackpackGPT2LMHeadModel"}
-    (d / "config.json").write_text(json.dumps(config))
-    lm = load_model(str(d))
-    assert lm.arch.model_type == "backpack-gpt2"
     ids = _ids(tokenizer, "Hello there")
-    with torch.no_grad():
-        assert torch.equal(lm.model(ids).logits, bp.model(ids).logits)
+    config = json.loads((d / "config.json").read_text())
+    # as a remote-code checkpoint may write it: its own class names, code announced, even GPT-2's model_type
+    for model_type in ("backpack-gpt2", "gpt2"):
+        (d / "config.json").write_text(json.dumps({
+            **config, "model_type": model_type, "architectures": ["BackpackGPT2LMHeadModel"],
+            "auto_map": {"AutoModelForCausalLM": "modeling_backpack_gpt2.BackpackGPT2LMHeadModel"}}))
+        lm = load_model(str(d))
+        assert lm.arch.model_type == "backpack-gpt2"
+        with torch.no_grad():
+            assert torch.equal(lm.model(ids).logits, bp.model(ids).logits)
     (d / "model.safetensors").rename(d / "pytorch_model.bin")
     with pytest.raises(InputError, match="never unpickles"):
         load_model(str(d))

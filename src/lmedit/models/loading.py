@@ -116,12 +116,37 @@ def _load_embedded(name: str) -> LoadedModel:
     return _finish(model, tokenizer, name)
 
 
+def _is_backpack(config: dict) -> bool:
+    """A Backpack checkpoint, whatever model_type its remote-code config wrote (its config class derives from
+    GPT-2's): the sense count is the mark."""
+    from lmedit.backpack.model import MODEL_TYPE
+
+    return config.get("model_type") == MODEL_TYPE or "num_senses" in config
+
+
+def _load_backpack_dir(path: Path):
+    from transformers import AutoTokenizer
+
+    from lmedit.backpack.model import BackpackConfig, BackpackForCausalLM
+    from lmedit.fileio import read_json
+
+    fields = {k: v for k, v in read_json(path / "config.json").items()
+              if k not in ("model_type", "auto_map", "architectures", "transformers_version")}
+    config = BackpackConfig(**fields)
+    model = BackpackForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, use_safetensors=True,
+                                                local_files_only=True)
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def _check_model_type(config_path: Path) -> None:
     """Refuse an unknown architecture before loading any weights."""
     from lmedit.fileio import read_json
     from lmedit.models.arch import ARCHITECTURES
 
-    model_type = read_json(config_path).get("model_type")
+    config = read_json(config_path)
+    if _is_backpack(config):
+        return
+    model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise InputError(f"unknown model architecture {model_type!r} in {config_path}; "
                          f"lmedit knows: {', '.join(sorted(ARCHITECTURES))}")
@@ -144,7 +169,12 @@ def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> Lo
         if not any(path.glob("*.safetensors")):
             raise InputError(f"{path} holds no .safetensors weights; lmedit never unpickles checkpoint files "
                              "(convert pytorch_model.bin to model.safetensors first)")
-        model, tokenizer = _load_hf_dir(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        from lmedit.fileio import read_json
+
+        if _is_backpack(read_json(path / "config.json")):  # lmedit's own code, never the checkpoint's
+            model, tokenizer = _load_backpack_dir(path)
+        else:
+            model, tokenizer = _load_hf_dir(path, local_files_only=True, trust_remote_code=trust_remote_code)
         return _finish(model, tokenizer, spec)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise InputError(f"model not found: {spec!r} (expected {', '.join(EMBEDDED)}, an HF directory, "
