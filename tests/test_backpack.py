@@ -283,3 +283,16 @@ def test_cli_canonical_senses_on_an_ensemble(bp, tiny_model, data_dir, tmp_path,
     assert result["method"] == "senses" and result["model"].startswith(str(big))
     assert [p["epoch"] for p in result["trace"]] == [1, 2]
     assert all(0 < p["ensemble_weight"] <= 1 for p in result["trace"])
+
+
+@pytest.mark.parametrize("method", ["ft-conditional", "lora"])
+def test_weight_methods_train_a_backpacks_contextualisation(bp, data_dir, tmp_path, method):  # noqa: F811
+    """ft / lora reach the Backpack through its GPT-2's roles (α changes, the senses do not)."""
+    task = cc.load_split("country_capital", data_dir, SPLIT)
+    protocol = cr.Protocol(str(GENERAL), n_docs=2, max_tokens=32, leagues=(10.0,))
+    runner = cr.Runner(bp.model, bp.tokenizer, protocol, "tiny-backpack", cache=BaselineCache(tmp_path / "c"))
+    settings = cc.make_settings(method, bp.model, "tiny-backpack", {"lr": "1e-2", "epochs": "2", "batch_size": "4"})
+    snap = _snapshot(bp.model)
+    result = runner.run(task, method, settings)
+    _assert_unchanged(bp.model, snap)
+    assert result["trace"][-1]["train_loss"] < result["trace"][0]["train_loss"]
