@@ -53,6 +53,10 @@ ZSRE_500 = [
     ("MEMIT, batch 500", "zsre500-memit.b500"),
     ("EMMET μ = 0.001, five batches of 100", "zsre500-emmet-mu0.001.b100"),
     ("EMMET μ = 0.001, batch 500", "zsre500-emmet-mu0.001.b500"),
+    ("FT (prompt + target), mass 500", "zsre500-ft"),
+    ("FT-conditional, mass 500", "zsre500-ftc"),
+    ("FT-conditional + augmentation (m = r = 2), mass 500", "zsre500-ftc-aug"),
+    ("LoRA, mass 500", "zsre500-lora"),
 ]
 ZSRE = [
     ("ROME, each edit alone", "zsre100-rome"),
