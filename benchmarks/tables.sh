@@ -3,7 +3,7 @@
 # Re-runnable: a group whose result files exist is skipped; an interrupted group resumes from its journal,
 # and v* already optimised for the same request on the same model is reused from the lmedit cache.
 # Usage: benchmarks/tables.sh STAGE...   (stages: cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000
-#        cf1000small zsre500 ftzsre500 ft1000;
+#        cf1000small zsre500 ftzsre500 ft1000 ft1000base;
 #        default: all, in that order)
 # Each command runs alone: two torch processes on a 2-core machine slow each other many times over.
 set -euo pipefail
@@ -97,6 +97,12 @@ ft1000() {  # FT-conditional + augmentation, 1000 edits trained together (issue 
     --set n_paraphrases=2 --set n_random_facts=2 --set facts_file=$DATA/counterfact/counterfact-train.json
 }
 
+ft1000base() {  # the FT baselines at 1000 edits trained together, beside cf1000-ftc-aug and cf1000-memit.b1000
+  run cf1000-ftc 1000 counterfact --data $CF --limit 1000 --method ft-conditional
+  run cf1000-ft 1000 counterfact --data $CF --limit 1000 --method ft
+  run cf1000-lora 1000 counterfact --data $CF --limit 1000 --method lora
+}
+
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000 cf1000small zsre500 ftzsre500 ft1000)
+[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000 cf1000small zsre500 ftzsre500 ft1000 ft1000base)
 for s in "${stages[@]}"; do "$s"; done
