@@ -195,3 +195,24 @@ def test_every_role_resolves_and_unembedding_gives_the_logits(loaded, tokenizer)
         expected = loaded.model(input_ids=ids).logits
         got = unembed(loaded.model, body(loaded.model)(input_ids=ids).last_hidden_state)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_converted_model_cache_keeps_the_first_complete_copy(tiny_model, tmp_path):
+    """Two processes converting the embedded model at once: the second keeps the first's copy, leaves no temporary
+    directory behind, and an incomplete copy from an interrupted run is replaced."""
+    from safetensors.torch import load_file
+
+    from lmedit.models.loading import _cache_converted
+
+    lm = tiny_model("llama")
+    cached = tmp_path / "models" / "tiny"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")  # interrupted: no weights
+    _cache_converted(lm.model, lm.tokenizer, cached)
+    first = load_file(cached / "model.safetensors")
+    with torch.no_grad():
+        lm.model.model.embed_tokens.weight.add_(1.0)  # a different conversion result
+    _cache_converted(lm.model, lm.tokenizer, cached)
+    kept = load_file(cached / "model.safetensors")
+    assert torch.equal(kept["model.embed_tokens.weight"], first["model.embed_tokens.weight"])
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["tiny"]

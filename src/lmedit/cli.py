@@ -423,7 +423,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - an unexpected failure still gets one line unless --verbose
         if _VERBOSE["on"] or os.environ.get("LMEDIT_DEBUG"):
             raise
-        err_console.print(f"lmedit: failed: {type(e).__name__}: {e} (rerun with --verbose for details)",
+        err_console.print(f"lmedit: failed: {type(e).__name__}: {e} (rerun as `lmedit --verbose ...` for details)",
                           markup=False, highlight=False)
         sys.exit(1)
 

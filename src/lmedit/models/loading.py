@@ -102,18 +102,33 @@ def _load_embedded(name: str) -> LoadedModel:
     else:
         model, tokenizer = _load_gguf(_embedded_gguf(name))
         check_tokenizer(tokenizer, name)
-        tmp = cached.with_name(f".{name}.partial")
-        tmp.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if cached.exists():
-            import shutil
-
-            shutil.rmtree(cached)
-        os.replace(tmp, cached)
+        _cache_converted(model, tokenizer, cached)
         model, tokenizer = _load_hf_dir(cached, local_files_only=True)
     check_tokenizer(tokenizer, name)
     return _finish(model, tokenizer, name)
+
+
+def _cache_converted(model, tokenizer, cached: Path) -> None:
+    """Save the converted model under a private temporary name, then move it into place. Two processes that
+    convert at once each write their own directory; the second to finish keeps the first one's copy."""
+    import shutil
+    import tempfile
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not (cached / "model.safetensors").is_file():
+            if cached.exists():
+                shutil.rmtree(cached)  # an incomplete copy from an interrupted run
+            try:
+                os.replace(tmp, cached)
+            except OSError:
+                if not (cached / "model.safetensors").is_file():
+                    raise  # not the race with another process: a real failure
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_backpack(config: dict) -> bool:
