@@ -2,7 +2,7 @@
 # The measured evaluation tables of the README (issues 4 and 5), one lmedit command per cell group.
 # Re-runnable: a group whose result files exist is skipped; an interrupted group resumes from its journal,
 # and v* already optimised for the same request on the same model is reused from the lmedit cache.
-# Usage: benchmarks/tables.sh STAGE...   (stages: cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000
+# Usage: benchmarks/tables.sh STAGE...   (stages: cf100 ft100 ft100single seq100 zsre100 seqzsre100 ftzsre100 cf1000
 #        cf1000small zsre500 ftzsre500 ft1000 ft1000base;
 #        default: all, in that order)
 # Each command runs alone: two torch processes on a 2-core machine slow each other many times over.
@@ -60,6 +60,11 @@ zsre100() {
   run zsre100-emmet-mu0.001 100 zsre --data $ZSRE --limit 100 --method emmet --set mu=0.001
   run zsre100-rome 1 zsre --data $ZSRE --limit 100 --method rome
 }
+seqzsre100() {  # sequential on zsRE: batches of 10, each on top of the earlier ones (v* on the edited model)
+  run zsre100-memit-seq10 10 zsre --data $ZSRE --limit 100 --method memit --sequential
+  run zsre100-rome-b10 10 zsre --data $ZSRE --limit 100 --method rome
+  run zsre100-emmet-mu0.001-seq10 10 zsre --data $ZSRE --limit 100 --method emmet --set mu=0.001 --sequential
+}
 ftzsre100() {  # fine-tuning editors on zsRE, 100 edits trained together; random facts: counterfact-train's true
   # facts, as on CounterFact (zsRE-500 has no training split, and 10 of its records carry no true answer)
   run zsre100-ftc-aug 100 zsre --data $ZSRE --limit 100 --method ft-conditional \
@@ -104,5 +109,5 @@ ft1000base() {  # the FT baselines at 1000 edits trained together, beside cf1000
 }
 
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 ftzsre100 cf1000 cf1000small zsre500 ftzsre500 ft1000 ft1000base)
+[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 seqzsre100 ftzsre100 cf1000 cf1000small zsre500 ftzsre500 ft1000 ft1000base)
 for s in "${stages[@]}"; do "$s"; done

@@ -45,7 +45,10 @@ COUNTERFACT_1000 = [
     ("MEMIT, ten batches of 100", "cf1000-memit.b100"),
     ("EMMET μ = 0.001, ten batches of 100", "cf1000-emmet-mu0.001.b100"),
     ("ROME, each edit alone", "cf1000-rome"),
+    ("FT (prompt + target), mass 1000", "cf1000-ft"),
+    ("FT-conditional, mass 1000", "cf1000-ftc"),
     ("FT-conditional + augmentation (m = r = 2), mass 1000", "cf1000-ftc-aug"),
+    ("LoRA, mass 1000", "cf1000-lora"),
 ]
 ZSRE_500 = [
     ("ROME, each edit alone", "zsre500-rome"),
@@ -62,7 +65,10 @@ ZSRE = [
     ("ROME, each edit alone", "zsre100-rome"),
     ("MEMIT, batch 1", "zsre100-memit.b1"),
     ("MEMIT, batch 100", "zsre100-memit.b100"),
+    ("ROME, 10 edits one after another per batch", "zsre100-rome-b10"),
+    ("MEMIT, sequential batches of 10", "zsre100-memit-seq10"),
     ("EMMET μ = 0.001, batch 100", "zsre100-emmet-mu0.001"),
+    ("EMMET μ = 0.001, sequential batches of 10", "zsre100-emmet-mu0.001-seq10"),
     ("FT (prompt + target), mass 100", "zsre100-ft"),
     ("FT-conditional, mass 100", "zsre100-ftc"),
     ("FT-conditional + augmentation (m = r = 2), mass 100", "zsre100-ftc-aug"),
