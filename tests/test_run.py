@@ -185,6 +185,12 @@ def test_report_separates_settings_and_data_sizes(tmp_path):
     assert "| emmet L2-3 mu=0.001 (batch 10, n=100) | 0.810 |" in md
     assert "| emmet L2-3 mu=0.1 (batch 100, n=100) | 0.920 |" in md
     assert (tmp_path / "rep" / "counterfact_scaling.png").is_file()  # one curve figure across data sizes
+    assert (tmp_path / "rep" / "counterfact_n1000_metrics.png").is_file()
+    # a later report into the same directory on one data size: the earlier per-size figures go, the user's files stay
+    (tmp_path / "rep" / "notes.png").write_bytes(b"mine")
+    md = build_report(paths[:2], tmp_path / "rep").read_text()
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
+        "counterfact_metrics.png", "counterfact_scaling.png", "notes.png", "report.md"]
     from lmedit.evaluate.report import _sweeps, _variants
 
     results = [json.loads(p.read_text()) for p in paths]

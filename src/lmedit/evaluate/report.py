@@ -7,6 +7,7 @@ curves. Runs of one method with different settings are told apart by the setting
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -177,5 +178,17 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
                       "different numbers of records share a curve; at equal B the run on more records is used).",
                       "", f"![{task} metric vs number of edits]({curve.name})", ""]
     md = out_dir / "report.md"
+    stale = _figures(md) - _figures_of("\n".join(lines))
     atomic_write_bytes(md, "\n".join(lines).encode())
+    for name in stale:  # a figure the earlier report drew and this one does not: it would mislead beside the new one
+        (out_dir / name).unlink(missing_ok=True)
     return md
+
+
+def _figures_of(markdown: str) -> set[str]:
+    return set(re.findall(r"!\[[^\]]*\]\(([^)/]+\.png)\)", markdown))
+
+
+def _figures(md: Path) -> set[str]:
+    """The PNGs an existing report links (only those: other files in the directory are the user's)."""
+    return _figures_of(md.read_text(errors="replace")) if md.is_file() else set()
