@@ -273,3 +273,28 @@ def test_a_finished_sequential_run_leaves_no_journal_behind(tiny_model, tmp_path
     assert journal.is_file() and len(list(patches.iterdir())) == len(REQUESTS)  # what a resume would need
     discard_journal(journal)
     assert not journal.exists() and not patches.exists()
+
+
+def test_report_names_a_departure_from_the_defaults(tmp_path):
+    """A lone EMMET run at μ = 0.001 on the embedded model is labelled with μ; a run at the defaults is not."""
+    import dataclasses
+    import json
+
+    from lmedit.editors import apply_overrides, get_editor
+    from lmedit.editors.defaults import DEFAULTS
+    from lmedit.evaluate.report import build_report
+
+    default = dataclasses.asdict(apply_overrides(get_editor("emmet").config_cls(), DEFAULTS[("emmet", "smollm2-135m")]))
+    m = {"efficacy": 0.9, "generalization": 0.5, "specificity": 0.5, "edit_score": 0.5}
+    paths = []
+    for i, (method, config) in enumerate([("emmet", {**default, "mu": 0.001}), ("memit", None)]):
+        if config is None:
+            config = dataclasses.asdict(apply_overrides(get_editor("memit").config_cls(),
+                                                        DEFAULTS[("memit", "smollm2-135m")]))
+        r = {"task": "counterfact", "model": "smollm2-135m", "method": method, "n": 10, "batch_size": 10,
+             "sequential": False, "config": config, "metrics": m, "baseline": m, "timing": {"seconds_per_edit": 1.0}}
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    md = build_report(paths, tmp_path / "rep").read_text()
+    assert " mu=0.001 (batch 10, n=10) |" in md
+    assert "| memit L2-3-4-5-6 (batch 10, n=10) |" in md

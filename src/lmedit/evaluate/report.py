@@ -46,10 +46,26 @@ def _variants(results: list[dict]) -> dict[int, str]:
     names = {}
     for rs in by_method.values():
         flats = [_flat(r.get("config")) for r in rs]
-        keys = sorted({k for f in flats for k in f if k != "layers" and len({repr(g.get(k)) for g in flats}) > 1})
+        differ = {k for f in flats for k in f if len({repr(g.get(k)) for g in flats}) > 1}
+        keys = sorted((differ | set().union(*map(_departures, rs))) - {"layers"})
         for r, f in zip(rs, flats):
             names[id(r)] = " ".join(f"{k.rpartition('.')[2]}={_short(f.get(k))}" for k in keys)
     return names
+
+
+def _departures(r: dict) -> set[str]:
+    """The settings in which a run left lmedit's defaults for its method and model (a curve of EMMET at μ = 0.001
+    must say so even when no other EMMET run is in the report). Empty where the model has no defaults row."""
+    import dataclasses
+
+    from lmedit.editors import apply_overrides, get_editor
+    from lmedit.editors.defaults import DEFAULTS
+
+    row = DEFAULTS.get((r.get("method"), r.get("model")))
+    if row is None:
+        return set()
+    default = _flat(dataclasses.asdict(apply_overrides(get_editor(r["method"]).config_cls(), row)))
+    return {k for k, v in _flat(r.get("config")).items() if k in default and repr(default[k]) != repr(v)}
 
 
 def _short(value) -> str:
