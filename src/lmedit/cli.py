@@ -44,11 +44,15 @@ def _quiet_transformers() -> None:
 
 def _load(spec: str):
     from lmedit.models import load_model
+    from lmedit.models.loading import Placement
 
     _quiet_transformers()
-    with console.status(f"loading {spec}"):
-        lm = load_model(spec)
+    placement = Placement.from_env()  # LMEDIT_DTYPE=bfloat16, LMEDIT_DEVICE_MAP=auto for models too large for one device
     device = os.environ.get("LMEDIT_DEVICE")  # e.g. cuda, cuda:1 (every step follows the model's device)
+    if device and placement.device_map:
+        raise InputError("set LMEDIT_DEVICE or LMEDIT_DEVICE_MAP, not both")
+    with console.status(f"loading {spec}"):
+        lm = load_model(spec, placement=placement)
     if device:
         try:
             lm.model.to(device)

@@ -74,7 +74,30 @@ def gguf_source(spec: str) -> Path | None:
     return Path(spec) if Path(spec).suffix == ".gguf" else None
 
 
-def _load_hf_dir(path: Path | str, **kwargs):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in what precision the weights live. float32 on one device by default; a model too large for that
+    loads in bfloat16/float16 and/or spread by accelerate's `device_map` ("auto": over the GPUs, then CPU). The
+    editors follow: keys and values are read where each layer is, the solvers run in float64, and a patch's ΔW
+    is cast to each parameter's own device and dtype."""
+
+    dtype: str = "float32"
+    device_map: str | None = None
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise InputError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    @classmethod
+    def from_env(cls) -> "Placement":
+        """LMEDIT_DTYPE and LMEDIT_DEVICE_MAP, as every CLI command reads them."""
+        return cls(os.environ.get("LMEDIT_DTYPE") or "float32", os.environ.get("LMEDIT_DEVICE_MAP") or None)
+
+
+def _load_hf_dir(path: Path | str, placement: Placement = Placement(), **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmedit.backpack.model import register
@@ -82,7 +105,9 @@ def _load_hf_dir(path: Path | str, **kwargs):
     register()  # model_type backpack-gpt2 loads with lmedit's own code, never remote code
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    if placement.device_map:
+        kwargs["device_map"] = placement.device_map
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[placement.dtype], **kwargs)
     return model, tokenizer
 
 
@@ -167,16 +192,22 @@ def _check_model_type(config_path: Path) -> None:
                          f"lmedit knows: {', '.join(sorted(ARCHITECTURES))}")
 
 
-def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False,
+               placement: Placement = Placement()) -> LoadedModel:
     """Load `spec`: an embedded name, an HF directory, a .gguf file, or (online) a hub id."""
-    if spec in EMBEDDED:
-        return _load_embedded(spec)
     path = Path(spec)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise InputError(f"model file not found: {path}")
-        model, tokenizer = _load_gguf(path)
-        return _finish(model, tokenizer, spec)
+    if spec in EMBEDDED or path.suffix == ".gguf":
+        if placement.device_map:
+            raise InputError("a device map applies to Hugging Face models; a GGUF model loads whole "
+                             "(use LMEDIT_DEVICE to move it)")
+        if spec in EMBEDDED:
+            lm = _load_embedded(spec)
+        else:
+            if not path.is_file():
+                raise InputError(f"model file not found: {path}")
+            lm = _finish(*_load_gguf(path), spec)
+        lm.model.to(DTYPES[placement.dtype])
+        return lm
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InputError(f"{path} is not a Hugging Face model directory (no config.json)")
@@ -188,14 +219,16 @@ def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> Lo
 
         if _is_backpack(read_json(path / "config.json")):  # lmedit's own code, never the checkpoint's
             model, tokenizer = _load_backpack_dir(path)
+            model.to(DTYPES[placement.dtype])
         else:
-            model, tokenizer = _load_hf_dir(path, local_files_only=True, trust_remote_code=trust_remote_code)
+            model, tokenizer = _load_hf_dir(path, placement, local_files_only=True,
+                                            trust_remote_code=trust_remote_code)
         return _finish(model, tokenizer, spec)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise InputError(f"model not found: {spec!r} (expected {', '.join(EMBEDDED)}, an HF directory, "
                          "a .gguf file or an online hub id)")
     try:
-        model, tokenizer = _load_hf_dir(spec, trust_remote_code=trust_remote_code)
+        model, tokenizer = _load_hf_dir(spec, placement, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise InputError(f"cannot load {spec!r} from the hub (offline?): {str(e).splitlines()[0]}") from None
     return _finish(model, tokenizer, spec)
