@@ -244,6 +244,11 @@ def test_upper_block_gram_equals_the_full_product():
         add_gram_upper(acc, k)
         torch.testing.assert_close(acc, (k.double().T @ k.double()), atol=1e-4, rtol=1e-5)
         assert torch.equal(acc, acc.T)
+    # keys of a bfloat16 model: the product is formed in float32, as exact as the keys themselves allow
+    k16 = torch.randn(500, 64, generator=g).bfloat16()
+    acc = torch.zeros(64, 64, dtype=torch.float64)
+    add_gram_upper(acc, k16)
+    torch.testing.assert_close(acc, k16.double().T @ k16.double(), atol=1e-3, rtol=1e-5)
 
 
 def _rank_worker(rank: int, world: int, init_file: str, out_dir: str, n: int, tokenizer_dir: str) -> None:

@@ -3,7 +3,8 @@
 Under torch.distributed (e.g. `torchrun --nproc-per-node 4 -m lmedit.cli stats compute ...`) each rank runs every
 world-th batch of the same token stream and the float64 sums are all-reduced: the same tokens, the same C.
 
-Each batch's kᵀk is formed in the model's dtype and added to a float64 running sum, so the hot loop costs
+Each batch's kᵀk is formed in the model's dtype (float32 at least: a 16-bit product would keep 8-11 bits of
+each entry) and added to a float64 running sum, so the hot loop costs
 one matrix product per layer while the long sum keeps full precision. The pass stops after the highest
 requested layer (the layers above do not change the keys). Sums are checkpointed so an interrupted pass
 resumes where it stopped; C itself is cached per (model fingerprint, layer, corpus, n tokens).
@@ -51,6 +52,8 @@ def model_fingerprint(model: nn.Module) -> str:
 def add_gram_upper(acc: torch.Tensor, k: torch.Tensor, blocks: int = 4) -> None:
     """acc += kᵀk, computing only the blocks on and above the diagonal (kᵀk is symmetric) and mirroring
     the rest: 10 of 16 block products, so the statistics pass costs little more than the forward itself."""
+    if k.dtype in (torch.float16, torch.bfloat16):
+        k = k.float()
     d = k.shape[1]
     edges = [round(i * d / blocks) for i in range(blocks + 1)]
     for i in range(blocks):
