@@ -21,6 +21,9 @@ REQUIRED = ("task", "method", "metrics", "baseline", "n")
 
 def load_result(path: Path) -> dict:
     result = read_json(path)
+    if isinstance(result, dict) and ("leagues" in result or str(result.get("kind", "")).startswith("canonical")):
+        raise InputError(f"{path} is a canonical-examples result; `lmedit eval canonical --all` writes its table "
+                         "(OUT.md and OUT.png beside the JSON)")
     if not isinstance(result, dict) or any(k not in result for k in REQUIRED):
         raise InputError(f"{path} is not an lmedit evaluation result (expected keys {', '.join(REQUIRED)})")
     if result["task"] not in METRICS:
