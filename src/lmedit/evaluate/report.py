@@ -3,6 +3,7 @@
 Results of one task on the same records (task, n) go in one table (method × metric) with that data's unedited
 row; results of a sweep (same method and settings, several batch sizes) become metric-vs-number-of-edits
 curves. Runs of one method with different settings are told apart by the settings that differ (e.g. μ=0.001).
+Canonical-examples results (single runs, searches, `--all` tables) are merged into one table in the paper's shape.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ from collections import defaultdict
 from pathlib import Path
 
 from lmedit.errors import InputError
-from lmedit.fileio import atomic_write_bytes, read_json
+from lmedit.evaluate.canonical_report import kind_of, merge_canonical
+from lmedit.fileio import atomic_write_bytes, atomic_write_json, read_json
 
 METRICS = {"counterfact": ("efficacy", "generalization", "specificity", "edit_score"),
            "zsre": ("efficacy", "generalization", "locality", "edit_score")}
 REQUIRED = ("task", "method", "metrics", "baseline", "n")
 
 
-def load_result(path: Path) -> dict:
-    result = read_json(path)
-    if isinstance(result, dict) and ("leagues" in result or str(result.get("kind", "")).startswith("canonical")):
-        raise InputError(f"{path} is a canonical-examples result; `lmedit eval canonical --all` writes its table "
-                         "(OUT.md and OUT.png beside the JSON)")
+def load_result(path: Path, result=None) -> dict:
+    """An edit-evaluation result (counterfact or zsre), checked; `result` is the already parsed file."""
+    result = read_json(path) if result is None else result
     if not isinstance(result, dict) or any(k not in result for k in REQUIRED):
         raise InputError(f"{path} is not an lmedit evaluation result (expected keys {', '.join(REQUIRED)})")
     if result["task"] not in METRICS:
@@ -159,7 +159,10 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
     """Write out_dir/report.md and its PNGs; return the markdown path."""
     if not paths:
         raise InputError("give at least one result file")
-    results = [load_result(Path(p)) for p in paths]
+    parsed = [(Path(p), read_json(p)) for p in paths]
+    canonical = [(p, r) for p, r in parsed if kind_of(r)]
+    results = [load_result(p, r) for p, r in parsed if not kind_of(r)]
+    ctable = merge_canonical(canonical) if canonical else None  # refused before anything is written
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in results:
         groups[(r["task"], r["n"])].append(r)
@@ -196,6 +199,13 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
                       "Each point: B edits applied together, averaged over the batches of its run (runs on "
                       "different numbers of records share a curve; at equal B the run on more records is used).",
                       "", f"![{task} metric vs number of edits]({curve.name})", ""]
+    if ctable:
+        from lmedit.evaluate.search import plot_table, render_markdown
+
+        plot_table(ctable, out_dir / "canonical.png")
+        atomic_write_json(out_dir / "canonical.json", ctable)  # the merged table, itself mergeable again
+        lines += [("#" + line) if line.startswith("#") else line for line in render_markdown(ctable).splitlines()]
+        lines += ["", "![canonical examples: Δ success rate per league](canonical.png)", ""]
     md = out_dir / "report.md"
     stale = _figures(md) - _figures_of("\n".join(lines))
     atomic_write_bytes(md, "\n".join(lines).encode())

@@ -326,6 +326,8 @@ def render_markdown(table: dict) -> str:
     else:
         lines.append(f"One run per cell with fixed settings {table.get('fixed') or '(defaults)'} on "
                      f"`{table['report_split']}`.")
+    if table.get("note"):
+        lines += ["", table["note"]]
     lines += ["", "Cell: Δ success rate (epoch; general-loss change, targeted-loss change relative to unedited; "
                   "hard-negative NLL change in nats). n/a: the method does not apply.", ""]
     header = "| method | " + " | ".join(tasks) + " |"
