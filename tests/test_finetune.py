@@ -13,8 +13,8 @@ import torch
 
 from lmedit.editors import get_editor, make_config
 from lmedit.editors import finetune
-from lmedit.editors.finetune import (Example, FinetuneConfig, augment, build_examples, collate, example_loss, read_positions,
-                                     fact_pools, prepare, tokenize, train)
+from lmedit.editors.augment import Example, augment, build_examples, fact_pools
+from lmedit.editors.finetune import FinetuneConfig, collate, example_loss, prepare, read_positions, tokenize, train
 from lmedit.editors.lora import LoraEditConfig, lora_adapters, lora_deltas
 from lmedit.errors import EditFailure, InputError
 from lmedit.models.arch import get_module
