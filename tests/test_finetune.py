@@ -383,3 +383,51 @@ def test_bad_settings_are_input_errors(tiny):
             prepare(FinetuneConfig(**bad), model)
     with pytest.raises(InputError, match="rank"):
         get_editor("lora").fn(model, tiny.tokenizer, REQUESTS, LoraEditConfig(layers=(1,), rank=0), progress=False)
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["ft-conditional", "lora"])
+def test_interrupted_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path, monkeypatch, method):
+    """Killed in epoch 4 of 6, the same edit again in the same checkpoint directory resumes after epoch 3 and ends
+    with exactly the deltas of an uninterrupted run (Adam moments and the shuffling generator come back too)."""
+    from lmedit.checkpoints import load_state
+
+    model, tok = tiny.model, tiny.tokenizer
+    editor = get_editor(method)
+    config = editor.config_cls(**dict(FAST, epochs=6, stop_prob=None, patience=0))
+    whole = editor.fn(model, tok, REQUESTS, config, progress=False)
+    per_epoch = -(-len(REQUESTS) // config.batch_size)
+
+    calls = {"n": 0}
+
+    def dies_in_epoch_4(logits, batch, at=None):
+        calls["n"] += 1
+        if calls["n"] > 3 * per_epoch:
+            raise _Killed
+        return example_loss(logits, batch, at)
+
+    snap = _snapshot(model)
+    with finetune.checkpoint_training(tmp_path / "ckpt"):
+        with monkeypatch.context() as m:
+            m.setattr(finetune, "example_loss", dies_in_epoch_4)
+            with pytest.raises(_Killed):
+                editor.fn(model, tok, REQUESTS, config, progress=False)
+        assert _unchanged(model, snap)
+        assert load_state(tmp_path / "ckpt")[1]["epoch"] == 3
+        calls["n"] = 0
+        monkeypatch.setattr(finetune, "example_loss", lambda *a, **k: calls.__setitem__("n", calls["n"] + 1)
+                            or example_loss(*a, **k))
+        resumed = editor.fn(model, tok, REQUESTS, config, progress=False)
+    assert calls["n"] == 3 * per_epoch  # only epochs 4-6 ran
+    assert resumed.meta["training"][0]["epoch_loss"] == whole.meta["training"][0]["epoch_loss"]
+    for name, delta in whole.deltas.items():
+        assert torch.equal(resumed.deltas[name].full(), delta.full()), name
+    # another run (other settings) in the same directory does not pick the state up
+    other = editor.config_cls(**dict(FAST, epochs=6, stop_prob=None, patience=0, lr=2e-2))
+    calls["n"] = 0
+    with finetune.checkpoint_training(tmp_path / "ckpt"):
+        editor.fn(model, tok, REQUESTS, other, progress=False)
+    assert calls["n"] == 6 * per_epoch

@@ -298,3 +298,40 @@ def test_report_names_a_departure_from_the_defaults(tmp_path):
     md = build_report(paths, tmp_path / "rep").read_text()
     assert " mu=0.001 (batch 10, n=10) |" in md
     assert "| memit L2-3-4-5-6 (batch 10, n=10) |" in md
+
+
+def test_an_eval_killed_during_fine_tuning_resumes_mid_training(tiny_model, tmp_path, monkeypatch):
+    """Sequential ft-conditional, batches of 2: killed in the 4th epoch of the second batch's training, the resumed
+    run starts that training from its epoch-3 checkpoint and gives the uninterrupted result; the finished run
+    leaves no checkpoint behind."""
+    import json
+
+    from lmedit.editors import finetune
+
+    lm = _editable(tiny_model("llama"))
+    overrides = {"layers": "1,2", "lr": "1e-2", "epochs": "5", "stop_prob": "1", "patience": "0"}
+    kwargs = dict(batch_size=2, sequential=True, overrides=overrides, progress=False, announce=lambda *_: None)
+    whole = run_edit_eval(lm, "ft-conditional", REQUESTS, **kwargs)
+    calls = {"n": 0, "die_at": 5 + 3 + 1}  # batch 1: 5 epochs of one step; batch 2 dies in its 4th epoch
+    real = finetune.example_loss
+
+    def counting(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == calls["die_at"]:
+            raise _Interrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(finetune, "example_loss", counting)
+    journal = tmp_path / "run.journal.jsonl"
+    with pytest.raises(_Interrupt):
+        run_edit_eval(lm, "ft-conditional", REQUESTS, journal=journal, **kwargs)
+    train_dir = tmp_path / "run.journal.jsonl.train"
+    assert json.loads((train_dir / "state.json").read_text())["epoch"] == 3
+    calls.update(n=0, die_at=-1)
+    resumed = run_edit_eval(lm, "ft-conditional", REQUESTS, journal=journal, resume=True, **kwargs)
+    assert calls["n"] == 2  # epochs 4 and 5 of the second batch only
+    assert _strip_timing(resumed) == _strip_timing(whole)
+    from lmedit.evaluate.run import discard_journal
+
+    discard_journal(journal)
+    assert not train_dir.exists() and not (tmp_path / "run.journal.jsonl.patches").exists()

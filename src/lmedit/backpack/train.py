@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lmedit.checkpoints import adam_tensors, restore_adam
 from lmedit.errors import InputError
 from lmedit.fileio import atomic_write_json, read_json
 
@@ -118,13 +119,7 @@ def _save(out: Path, model, tokenizer, optimiser, cfg: BackpackTrainConfig, step
     only from a state file, which names a step whose weights are already on disk)."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {}
-    for group in optimiser.param_groups:
-        for p in group["params"]:
-            for key, value in optimiser.state.get(p, {}).items():
-                if torch.is_tensor(value) and key != "step":
-                    tensors[f"{names[id(p)]}::{key}"] = value.contiguous()
+    tensors = adam_tensors(optimiser, {id(p): n for n, p in model.named_parameters()})
     tmp = out / f".{OPTIM_FILE}.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(out / OPTIM_FILE)
@@ -132,11 +127,7 @@ def _save(out: Path, model, tokenizer, optimiser, cfg: BackpackTrainConfig, step
 
 
 def _restore_optimiser(out: Path, model, optimiser, step: int) -> None:
-    tensors = load_file(str(out / OPTIM_FILE))
-    for name, p in model.named_parameters():
-        if f"{name}::exp_avg" in tensors:
-            optimiser.state[p] = {"step": torch.tensor(float(step)), "exp_avg": tensors[f"{name}::exp_avg"],
-                                  "exp_avg_sq": tensors[f"{name}::exp_avg_sq"]}
+    restore_adam(optimiser, dict(model.named_parameters()), load_file(str(out / OPTIM_FILE)), step)
 
 
 def train_backpack(out: Path, tokenizer, corpus, cfg: BackpackTrainConfig, *, embeddings_from=None,

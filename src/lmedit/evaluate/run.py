@@ -26,6 +26,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from lmedit.editors import get_editor, make_config
+from lmedit.editors.finetune import checkpoint_training
 from lmedit.errors import InputError
 from lmedit.evaluate.counterfact import aggregate, score_counterfact
 from lmedit.locate.value_store import ValueStore, reusing_values
@@ -45,12 +46,12 @@ def _batches(items: list, size: int) -> list[list]:
 
 
 def discard_journal(path: Path) -> None:
-    """Remove a finished run's journal and the patches a sequential run saved beside it (`Journal.patch_dir`):
-    the result file now holds everything."""
+    """Remove a finished run's journal, the patches a sequential run saved beside it (`Journal.patch_dir`) and
+    any training checkpoint (`Journal.train_dir`): the result file now holds everything."""
     path.unlink(missing_ok=True)
-    patches = path.with_name(path.name + ".patches")
-    if patches.exists():
-        shutil.rmtree(patches)
+    for beside in (".patches", ".train"):
+        if path.with_name(path.name + beside).exists():
+            shutil.rmtree(path.with_name(path.name + beside))
 
 
 class Journal:
@@ -70,12 +71,17 @@ class Journal:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"header": header}) + "\n")
-            if self.patch_dir.exists():
-                shutil.rmtree(self.patch_dir)
+            for stale in (self.patch_dir, self.train_dir):
+                if stale.exists():
+                    shutil.rmtree(stale)
 
     @property
     def patch_dir(self) -> Path:
         return self.path.with_name(self.path.name + ".patches")  # where sequential runs keep their patches
+
+    @property
+    def train_dir(self) -> Path:
+        return self.path.with_name(self.path.name + ".train")  # fine-tuning state of the batch being edited
 
     def find(self, key: str, value=True) -> dict | None:
         return next((l for l in self.lines if l.get(key) == value), None)
@@ -148,8 +154,10 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
                     records += line["records"]
                 continue
             t0 = time.perf_counter()
-            with reusing_values(value_store):
+            with reusing_values(value_store), checkpoint_training(log.train_dir if journal is not None else None):
                 patch = editor.fn(model, tok, batch, config, progress=progress, announce=announce)
+            if journal is not None and log.train_dir.exists():
+                shutil.rmtree(log.train_dir)  # this batch's edit is done; the next one starts afresh
             spent = time.perf_counter() - t0 - patch.meta.get("timing", {}).get("stats_seconds", 0.0)
             edit_seconds += spent
             handle = patch.apply(model)
