@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from pathlib import Path
 
@@ -244,3 +245,42 @@ def test_bench_scoring_part_on_a_tiny_model(tiny_model, tmp_path, monkeypatch, c
     code, err = run_cli(monkeypatch, capsys, "bench", "--data", str(DATA / "counterfact" / "counterfact-edit.json"),
                         "--out", str(tmp_path / "c"), "--scoring-n", "0")
     assert_one_line_error(code, err, "--scoring-n must be at least 1")
+
+
+def test_edit_with_fine_tuning_checkpoints_beside_the_patch(tiny_model, tmp_path, monkeypatch, capsys):
+    """`lmedit edit --method ft-conditional`: killed after epoch 1, the same command resumes from OUT.train and
+    writes the patch an uninterrupted run writes; the checkpoint goes once the patch is saved."""
+    from safetensors.torch import load_file
+
+    from lmedit.editors import finetune
+
+    lm = tiny_model("llama")
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    reqs = write_jsonl(tmp_path / "r.jsonl", [GOOD])
+    args = ["edit", "--model", str(model_dir), "--method", "ft-conditional", "--requests", reqs,
+            "--set", "layers=1", "--set", "epochs=3", "--set", "stop_prob=1", "--set", "patience=0"]
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
+    def succeeds(*argv):
+        monkeypatch.setattr(sys, "argv", ["lmedit", *argv])
+        cli.main()  # returns: no SystemExit on success
+
+    succeeds(*args, "--out", str(tmp_path / "whole"))
+    real, calls = finetune.example_loss, {"n": 0}
+
+    def dies_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(finetune, "example_loss", dies_in_epoch_2)
+    code, err = run_cli(monkeypatch, capsys, *args, "--out", str(tmp_path / "p"))
+    assert code == 130 and "lmedit: interrupted" in err  # Ctrl-C: a non-zero exit, not a silent success
+    assert not (tmp_path / "p").exists() and (tmp_path / "p.train" / "state.json").is_file()
+    monkeypatch.setattr(finetune, "example_loss", real)
+    succeeds(*args, "--out", str(tmp_path / "p"))
+    assert not (tmp_path / "p.train").exists()
+    whole, resumed = load_file(tmp_path / "whole" / "patch.safetensors"), load_file(tmp_path / "p" / "patch.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -114,11 +114,15 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
          limit: Optional[int] = typer.Option(None, help="only the first N requests"),
          sets: Optional[list[str]] = SetOpt,
          force: bool = ForceOpt) -> None:
-    """Compute an edit and save it as a patch (the model files are not changed).
+    """Compute an edit and save it as a patch (the model files are not changed). A fine-tuning edit keeps its
+    state after every epoch in OUT.train/; the same command run again after an interruption resumes from it.
 
     Example: lmedit edit --method memit --requests facts.jsonl --out my-patch
     """
+    import shutil
+
     from lmedit.editors import get_editor, make_config
+    from lmedit.editors.finetune import checkpoint_training
     from lmedit.fileio import check_writable
     from lmedit.requests import load_requests
 
@@ -127,9 +131,12 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     editor = get_editor(method)
     lm = _load(model)
     config = make_config(method, lm.name, lm.model, _parse_sets(sets))
-    patch = editor.fn(lm.model, lm.tokenizer, reqs, config, announce=console.print)
+    train_dir = out.with_name(out.name + ".train")  # resumed only by the same requests, settings and model
+    with checkpoint_training(train_dir):
+        patch = editor.fn(lm.model, lm.tokenizer, reqs, config, announce=console.print)
     patch.meta["model"] = lm.name
     patch.save(out, force=force)
+    shutil.rmtree(train_dir, ignore_errors=True)
     console.print(patch.summary())
     console.print(f"saved {method} patch for {len(reqs)} request(s) to {out}")
 
@@ -409,7 +416,10 @@ def main() -> None:
     import click
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # Typer turns Ctrl-C into a returned 130, not an exception
+        if isinstance(code, int) and code != 0:
+            err_console.print("lmedit: interrupted" if code == 130 else f"lmedit: exit code {code}")
+            sys.exit(code)
     except LmeditError as e:
         if _VERBOSE["on"]:
             traceback.print_exc()
