@@ -8,6 +8,7 @@ Canonical-examples results (single runs, searches, `--all` tables) are merged in
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -49,7 +50,8 @@ def _variants(results: list[dict]) -> dict[int, str]:
     names = {}
     for rs in by_method.values():
         flats = [_flat(r.get("config")) for r in rs]
-        differ = {k for f in flats for k in f if len({repr(g.get(k)) for g in flats}) > 1}
+        shared = set.intersection(*(set(f) for f in flats))  # a field only newer runs have is no setting that differs
+        differ = {k for k in shared if len({repr(f[k]) for f in flats}) > 1}
         keys = sorted((differ | set().union(*map(_departures, rs))) - {"layers"})
         for r, f in zip(rs, flats):
             names[id(r)] = " ".join(f"{k.rpartition('.')[2]}={_short(f.get(k))}" for k in keys)
@@ -67,7 +69,8 @@ def _departures(r: dict) -> set[str]:
     row = DEFAULTS.get((r.get("method"), r.get("model")))
     if row is None:
         return set()
-    default = _flat(dataclasses.asdict(apply_overrides(get_editor(r["method"]).config_cls(), row)))
+    config = dataclasses.asdict(apply_overrides(get_editor(r["method"]).config_cls(), row))
+    default = _flat(json.loads(json.dumps(config)))  # as a result file holds it: tuples are lists
     return {k for k, v in _flat(r.get("config")).items() if k in default and repr(default[k]) != repr(v)}
 
 
@@ -116,8 +119,7 @@ def _bar_plot(task: str, rows: list[dict], path: Path, variants: dict[int, str])
     ax.set_ylim(0, 1.05)
     ax.set_title(f"{task}: {rows[0]['model']}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" takes in the legend beside the axes
     plt.close(fig)
 
 
