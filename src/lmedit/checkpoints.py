@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from lmedit.fileio import atomic_write_json, read_json
+from lmedit.fileio import atomic_save_tensors, atomic_write_json, read_json
 
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 
@@ -37,12 +37,8 @@ def restore_adam(optimiser: torch.optim.Optimizer, params: dict[str, torch.nn.Pa
 
 
 def save_state(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{STATE_TENSORS}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(directory / STATE_TENSORS)
-    atomic_write_json(directory / STATE_JSON, meta)
+    atomic_save_tensors(Path(directory) / STATE_TENSORS, tensors)
+    atomic_write_json(Path(directory) / STATE_JSON, meta)
 
 
 def load_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict] | None:

@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from lmedit.checkpoints import adam_tensors, restore_adam
 from lmedit.errors import InputError
-from lmedit.fileio import atomic_write_json, read_json
+from lmedit.fileio import atomic_save_tensors, atomic_write_json, read_json
 
 STATE_FILE, OPTIM_FILE = "train_state.json", "optimizer.safetensors"
 
@@ -119,10 +119,7 @@ def _save(out: Path, model, tokenizer, optimiser, cfg: BackpackTrainConfig, step
     only from a state file, which names a step whose weights are already on disk)."""
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    tensors = adam_tensors(optimiser, {id(p): n for n, p in model.named_parameters()})
-    tmp = out / f".{OPTIM_FILE}.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(out / OPTIM_FILE)
+    atomic_save_tensors(out / OPTIM_FILE, adam_tensors(optimiser, {id(p): n for n, p in model.named_parameters()}))
     atomic_write_json(out / STATE_FILE, {"step": step, "config": asdict(cfg), "corpus": corpus_id, "losses": losses})
 
 

@@ -49,9 +49,18 @@ def discard_journal(path: Path) -> None:
     """Remove a finished run's journal, the patches a sequential run saved beside it (`Journal.patch_dir`) and
     any training checkpoint (`Journal.train_dir`): the result file now holds everything."""
     path.unlink(missing_ok=True)
-    for beside in (".patches", ".train"):
-        if path.with_name(path.name + beside).exists():
-            shutil.rmtree(path.with_name(path.name + beside))
+    _remove_beside(path)
+
+
+def _beside(path: Path) -> tuple[Path, Path]:
+    """What a run keeps next to its journal: sequential patches, and the training state of the batch in hand."""
+    return path.with_name(path.name + ".patches"), path.with_name(path.name + ".train")
+
+
+def _remove_beside(path: Path) -> None:
+    for directory in _beside(path):
+        if directory.exists():
+            shutil.rmtree(directory)
 
 
 class Journal:
@@ -71,17 +80,15 @@ class Journal:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"header": header}) + "\n")
-            for stale in (self.patch_dir, self.train_dir):
-                if stale.exists():
-                    shutil.rmtree(stale)
+            _remove_beside(path)  # left by an earlier run under this name
 
     @property
     def patch_dir(self) -> Path:
-        return self.path.with_name(self.path.name + ".patches")  # where sequential runs keep their patches
+        return _beside(self.path)[0]
 
     @property
     def train_dir(self) -> Path:
-        return self.path.with_name(self.path.name + ".train")  # fine-tuning state of the batch being edited
+        return _beside(self.path)[1]
 
     def find(self, key: str, value=True) -> dict | None:
         return next((l for l in self.lines if l.get(key) == value), None)

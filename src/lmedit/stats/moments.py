@@ -18,11 +18,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from lmedit.errors import InputError
+from lmedit.fileio import atomic_save_tensors
 from lmedit.locate.batching import right_pad
 from lmedit.models.arch import check_layer, mlp_out_dims, mlp_out_module
 from lmedit.models.hooks import capture_io, run_until_stop
@@ -162,13 +163,10 @@ def shard() -> tuple[int, int]:
 
 
 def _save_checkpoint(path: Path, sums, count: int, next_doc: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    state = {f"sum.{l}": s.cpu().contiguous() for l, s in sums.items()}
+    state = {f"sum.{l}": s for l, s in sums.items()}
     state["count"] = torch.tensor([count])
     state["next_doc"] = torch.tensor([next_doc])
-    save_file(state, tmp)
-    os.replace(tmp, path)
+    atomic_save_tensors(path, state)
 
 
 def load_or_compute(model: nn.Module, tokenizer, layers: list[int], corpus_spec: str = "wiki",
@@ -202,12 +200,8 @@ def load_or_compute(model: nn.Module, tokenizer, layers: list[int], corpus_spec:
             out[l] = C
             if rank != 0:
                 continue  # every rank holds C; one writes it
-            path = stats_path(model, l, corpus_id, n_tokens)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"C": C.cpu().contiguous()}, tmp, metadata={
+            atomic_save_tensors(stats_path(model, l, corpus_id, n_tokens), {"C": C}, metadata={
                 "layer": str(l), "corpus": corpus_id, "n_tokens": str(n_tokens), "model": model_fingerprint(model)})
-            os.replace(tmp, path)
         if world > 1:
             import torch.distributed as dist
 
