@@ -3,7 +3,7 @@
 # Re-runnable: a group whose result files exist is skipped; an interrupted group resumes from its journal,
 # and v* already optimised for the same request on the same model is reused from the lmedit cache.
 # Usage: benchmarks/tables.sh STAGE...   (stages: cf100 ft100 ft100single seq100 zsre100 seqzsre100 ftzsre100 cf1000
-#        cf1000small zsre500 ftzsre500 ft1000 ft1000base;
+#        cf1000small zsre500 ftzsre500 ft1000 ft1000base seq1000 seqzsre500;
 #        default: all, in that order)
 # Each command runs alone: two torch processes on a 2-core machine slow each other many times over.
 set -euo pipefail
@@ -102,6 +102,16 @@ ft1000() {  # FT-conditional + augmentation, 1000 edits trained together (issue 
     --set n_paraphrases=2 --set n_random_facts=2 --set facts_file=$DATA/counterfact/counterfact-train.json
 }
 
+seq1000() {  # sequential at 1000 edits: ten batches of 100, each on top of the earlier ones (fresh v* on the
+  # edited model for batches 2-10; the first batch's v* come from cf1000). ROME one-by-one at 1000 is ~3 h here.
+  run cf1000-memit-seq100 100 counterfact --data $CF --limit 1000 --method memit --sequential
+  run cf1000-emmet-mu0.001-seq100 100 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001 --sequential
+}
+seqzsre500() {  # sequential on all 500 zsRE records: five batches of 100, each on top of the earlier ones
+  run zsre500-memit-seq100 100 zsre --data $ZSRE --method memit --sequential
+  run zsre500-emmet-mu0.001-seq100 100 zsre --data $ZSRE --method emmet --set mu=0.001 --sequential
+}
+
 ft1000base() {  # the FT baselines at 1000 edits trained together, beside cf1000-ftc-aug and cf1000-memit.b1000
   run cf1000-ftc 1000 counterfact --data $CF --limit 1000 --method ft-conditional
   run cf1000-ft 1000 counterfact --data $CF --limit 1000 --method ft
@@ -109,5 +119,5 @@ ft1000base() {  # the FT baselines at 1000 edits trained together, beside cf1000
 }
 
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 seqzsre100 ftzsre100 cf1000 cf1000small zsre500 ftzsre500 ft1000 ft1000base)
+[[ ${#stages[@]} -gt 0 ]] || stages=(cf100 ft100 ft100single seq100 zsre100 seqzsre100 ftzsre100 cf1000 cf1000small zsre500 ftzsre500 ft1000 ft1000base seq1000 seqzsre500)
 for s in "${stages[@]}"; do "$s"; done
