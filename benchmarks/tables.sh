@@ -54,6 +54,7 @@ ft100single() {  # each edit trained alone on the original model (random facts f
 seq100() {  # sequential: batches of 10 each on top of the earlier ones (ROME in batches = ROME sequential)
   run cf100-memit-seq10 10 counterfact --data $CF --limit 100 --method memit --sequential
   run cf100-rome-b10 10 counterfact --data $CF --limit 100 --method rome
+  run cf100-emmet-mu0.001-seq10 10 counterfact --data $CF --limit 100 --method emmet --set mu=0.001 --sequential
 }
 zsre100() {
   run zsre100-memit 1,100 zsre --data $ZSRE --limit 100 --method memit

@@ -25,6 +25,7 @@ COUNTERFACT = [  # (label, result file stem)
     ("EMMET μ = 0.001, batch 1", "cf100-emmet-mu0.001.b1"),
     ("EMMET μ = 0.001, batch 10", "cf100-emmet-mu0.001.b10"),
     ("EMMET μ = 0.001, batch 100", "cf100-emmet-mu0.001.b100"),
+    ("EMMET μ = 0.001, sequential batches of 10", "cf100-emmet-mu0.001-seq10"),
     ("FT (prompt + target), mass 100", "cf100-ft"),
     ("FT-conditional, mass 100", "cf100-ftc"),
     ("FT-conditional + augmentation (m = r = 2), mass 100", "cf100-ftc-aug"),
