@@ -66,6 +66,14 @@ def _runner(tiny, tmp_path, leagues=(1e-3, 0.5, 0.7, 10.0), **kwargs) -> cr.Runn
     return cr.Runner(tiny.model, tiny.tokenizer, protocol, "tiny-llama", cache=BaselineCache(tmp_path / "cache"))
 
 
+def _ftc_on_country_capital(tiny, data_dir, tmp_path, lr: str, epochs: str):
+    """country_capital, a runner and full-model ft-conditional settings at this lr and number of epochs."""
+    task = cc.load_split("country_capital", data_dir, SPLIT)
+    settings = cc.make_settings("ft-conditional", tiny.model, "tiny-llama",
+                                {"lr": lr, "epochs": epochs, "modules": "all", "batch_size": "1"})
+    return task, _runner(tiny, tmp_path), settings
+
+
 def _snapshot(model) -> dict:
     return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
 
@@ -111,10 +119,7 @@ def test_eval_limit_keeps_training_and_cuts_each_evaluation_file(data_dir):
 # ---------------------------------------------------------------- the protocol
 
 def test_trace_league_logic_and_bit_exact_restore(tiny, data_dir, tmp_path):
-    task = cc.load_split("country_capital", data_dir, SPLIT)
-    runner = _runner(tiny, tmp_path)
-    settings = cc.make_settings("ft-conditional", tiny.model, "tiny-llama",
-                                {"lr": "3e-2", "epochs": "8", "modules": "all", "batch_size": "1"})
+    task, runner, settings = _ftc_on_country_capital(tiny, data_dir, tmp_path, lr="3e-2", epochs="8")
     snap = _snapshot(tiny.model)
     result = runner.run(task, "ft-conditional", settings)
     _assert_unchanged(tiny.model, snap)
@@ -210,10 +215,7 @@ def test_epochs_beyond_every_league_are_not_scored_further(tiny, data_dir, tmp_p
 
 
 def test_divergence_is_an_edit_failure_and_leaves_the_model(tiny, data_dir, tmp_path):
-    task = cc.load_split("country_capital", data_dir, SPLIT)
-    runner = _runner(tiny, tmp_path)
-    settings = cc.make_settings("ft-conditional", tiny.model, "tiny-llama",
-                                {"lr": "1e6", "epochs": "3", "modules": "all", "batch_size": "1"})
+    task, runner, settings = _ftc_on_country_capital(tiny, data_dir, tmp_path, lr="1e6", epochs="3")
     snap = _snapshot(tiny.model)
     with pytest.raises(EditFailure, match="lower lr; the model is unchanged"):
         runner.run(task, "ft-conditional", settings)
