@@ -120,6 +120,30 @@ def test_prefix_cache_matches_plain_forward(loaded, tokenizer):
     for j, i in enumerate(subset.tolist()):
         want = _plain_final_hidden(model, rows[i])[splits[i]:]
         torch.testing.assert_close(got_subset[j, : len(rows[i]) - splits[i]], want, atol=1e-5, rtol=1e-5)
+    # a subset runs only as wide as its own longest suffix: the batch's padding beyond it is never computed
+    with torch.no_grad():
+        short = cache.forward(torch.tensor([3, 1]))  # suffixes of 5 and 6 tokens
+    assert got.shape[1] == 10 and short.shape[1] == 6
+    torch.testing.assert_close(short[1], got[1, :6], atol=1e-6, rtol=1e-6)
+
+
+def test_replayed_rows_recorded_in_narrower_groups(loaded, tokenizer):
+    """Rows first run (and their layer-L inputs recorded) in narrow groups, then replayed together in a wider one:
+    the columns a row never had are padding, and every real token still equals a plain forward."""
+    model = loaded.model
+    g = torch.Generator().manual_seed(3)
+    lengths_splits = [(8, 6), (12, 3), (9, 2), (5, 4)]  # suffixes of 2, 9, 7 and 1 tokens
+    rows = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n, _ in lengths_splits]
+    splits = [s for _, s in lengths_splits]
+    cache = PrefixCache(model, SplitBatch.build(rows, splits, tokenizer.pad_token_id, "cpu"), frozen_layers=2)
+    with torch.no_grad():
+        narrow = [cache.forward(torch.tensor(group)) for group in ([0, 3], [2], [1])]  # record: widths 2, 7, 9
+        assert [h.shape[1] for h in narrow] == [2, 7, 9] and bool(cache.recorded.all())
+        replayed = cache.forward(torch.tensor([3, 0, 2]))  # replay: width 7
+    assert replayed.shape[1] == 7
+    for j, i in enumerate([3, 0, 2]):
+        want = _plain_final_hidden(model, rows[i])[splits[i]:]
+        torch.testing.assert_close(replayed[j, : len(rows[i]) - splits[i]], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["mistral", "gemma3_text"])

@@ -128,29 +128,35 @@ class PrefixCache:
                    for i in range(len(parts[0]))]
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (rows, S, d) of the suffixes of `rows` (a LongTensor of row indices)."""
+        """Final hidden states (rows, S', d) of the suffixes of `rows` (a LongTensor of row indices).
+
+        S' is the longest suffix among `rows`, not the whole batch's: the right padding beyond it is never run
+        (causal attention: no real token sees a later column, so trimming it changes nothing)."""
         b = self.batch
-        prefix_mask, suffix_mask = b.prefix_mask[rows], b.suffix_mask[rows]
-        positions = prefix_mask.sum(1, keepdim=True) + torch.arange(suffix_mask.shape[1], device=rows.device)
+        width = int(b.suffix_mask[rows].sum(1).max())
+        prefix_mask, suffix_mask = b.prefix_mask[rows], b.suffix_mask[rows, :width]
+        positions = prefix_mask.sum(1, keepdim=True) + torch.arange(width, device=rows.device)
         cache = None
         if self.kv is not None:
             cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.kv])
 
         def run():
-            return body(self.model)(input_ids=b.suffix_ids[rows], attention_mask=torch.cat([prefix_mask, suffix_mask], 1),
+            return body(self.model)(input_ids=b.suffix_ids[rows, :width],
+                                    attention_mask=torch.cat([prefix_mask, suffix_mask], 1),
                                     position_ids=positions, past_key_values=cache,
                                     use_cache=cache is not None).last_hidden_state
 
         if not self.frozen_layers:
             return run()
         if bool(self.recorded[rows].all()):
-            with self._replaying(self.frozen_input[rows]):
+            # columns a row never had (recorded in a narrower group) replay as zeros: padding, never read
+            with self._replaying(self.frozen_input[rows, :width]):
                 return run()
-        with self._recording(rows):
+        with self._recording(rows, width):
             return run()
 
     @contextmanager
-    def _recording(self, rows: torch.Tensor):
+    def _recording(self, rows: torch.Tensor, width: int):
         layers = _decoder_layers(self.model)
 
         def record_input(module, args, kwargs):
@@ -158,7 +164,7 @@ class PrefixCache:
             if self.frozen_input is None:
                 n, S = self.batch.suffix_ids.shape
                 self.frozen_input = hidden.new_zeros((n, S, hidden.shape[-1]))
-            self.frozen_input[rows] = hidden.detach()
+            self.frozen_input[rows, :width] = hidden.detach()
             self.recorded[rows] = True
 
         def record_form(module, args, output):
