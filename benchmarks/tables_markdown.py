@@ -70,6 +70,8 @@ ZSRE = [
     ("ROME, each edit alone", "zsre100-rome"),
     ("MEMIT, batch 1", "zsre100-memit.b1"),
     ("MEMIT, batch 100", "zsre100-memit.b100"),
+    ("MEMIT λ = 5000, batch 100", "zsre100-memit-lambda5000"),
+    ("MEMIT λ = 50000, batch 100", "zsre100-memit-lambda50000"),
     ("ROME, 10 edits one after another per batch", "zsre100-rome-b10"),
     ("MEMIT, sequential batches of 10", "zsre100-memit-seq10"),
     ("EMMET μ = 0.001, batch 100", "zsre100-emmet-mu0.001"),
