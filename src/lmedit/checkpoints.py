@@ -14,6 +14,12 @@ from lmedit.fileio import atomic_save_tensors, atomic_write_json, read_json
 STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 
 
+def train_dir_beside(path: str | os.PathLike) -> Path:
+    """Where the training state of the work that will end in `path` (a patch, a journal) is kept: `path.train`."""
+    path = Path(path)
+    return path.with_name(path.name + ".train")
+
+
 def adam_tensors(optimiser: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
     """Adam's moments as `{param name}::exp_avg` / `::exp_avg_sq` (its step count is the caller's step)."""
     tensors = {}

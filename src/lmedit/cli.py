@@ -122,6 +122,7 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     import shutil
 
     from lmedit.editors import get_editor, make_config
+    from lmedit.checkpoints import train_dir_beside
     from lmedit.editors.finetune import checkpoint_training
     from lmedit.fileio import check_writable
     from lmedit.requests import load_requests
@@ -131,7 +132,7 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     editor = get_editor(method)
     lm = _load(model)
     config = make_config(method, lm.name, lm.model, _parse_sets(sets))
-    train_dir = out.with_name(out.name + ".train")  # resumed only by the same requests, settings and model
+    train_dir = train_dir_beside(out)  # resumed only by the same requests, settings and model
     with checkpoint_training(train_dir):
         patch = editor.fn(lm.model, lm.tokenizer, reqs, config, announce=console.print)
     patch.meta["model"] = lm.name

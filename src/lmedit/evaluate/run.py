@@ -25,6 +25,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from lmedit.checkpoints import train_dir_beside
 from lmedit.editors import get_editor, make_config
 from lmedit.editors.finetune import checkpoint_training
 from lmedit.errors import InputError
@@ -54,7 +55,7 @@ def discard_journal(path: Path) -> None:
 
 def _beside(path: Path) -> tuple[Path, Path]:
     """What a run keeps next to its journal: sequential patches, and the training state of the batch in hand."""
-    return path.with_name(path.name + ".patches"), path.with_name(path.name + ".train")
+    return path.with_name(path.name + ".patches"), train_dir_beside(path)
 
 
 def _remove_beside(path: Path) -> None:
