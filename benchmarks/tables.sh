@@ -104,13 +104,16 @@ ft1000() {  # FT-conditional + augmentation, 1000 edits trained together (issue 
 }
 
 seq1000() {  # sequential at 1000 edits: ten batches of 100, each on top of the earlier ones (fresh v* on the
-  # edited model for batches 2-10; the first batch's v* come from cf1000). ROME one-by-one at 1000 is ~3 h here.
+  # edited model for batches 2-10; the first batch's v* come from cf1000). ROME: 1000 edits one after another
+  # (each v* on the model edited so far), journalled every 100; about 2 h here.
   run cf1000-memit-seq100 100 counterfact --data $CF --limit 1000 --method memit --sequential
   run cf1000-emmet-mu0.001-seq100 100 counterfact --data $CF --limit 1000 --method emmet --set mu=0.001 --sequential
+  run cf1000-rome-seq100 100 counterfact --data $CF --limit 1000 --method rome --sequential
 }
 seqzsre500() {  # sequential on all 500 zsRE records: five batches of 100, each on top of the earlier ones
   run zsre500-memit-seq100 100 zsre --data $ZSRE --method memit --sequential
   run zsre500-emmet-mu0.001-seq100 100 zsre --data $ZSRE --method emmet --set mu=0.001 --sequential
+  run zsre500-rome-seq100 100 zsre --data $ZSRE --method rome --sequential  # 500 edits one after another
 }
 
 zsrelambda() {  # MEMIT's λ on zsRE (the default 500 was chosen on CounterFact): batch 100 on the first 100 records

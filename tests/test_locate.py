@@ -426,23 +426,28 @@ def test_value_store_reuses_only_on_the_same_model_state(tiny, tokenizer, tmp_pa
         with torch.no_grad():
             attn.copy_(saved)
 
-    # once an MLP output projection changes, the store is bypassed: v* is computed on the model as it is now
+    # once an MLP output projection changes, v* is computed on the model as it is now, and kept under that state
+    later = ValueStore(model, tmp_path / "values")  # another run on the unedited model, meeting the same edit
     W = mlp_out_module(model, 0)
     saved = W.weight.detach().clone()
     with torch.no_grad():
         W.weight.add_(0.05)
     try:
         edited = again.values(model, tok, REQUESTS[:1], 2, templates, VALUE, progress=False)
-        assert (again.hits, again.misses) == (3, 0)
+        assert (again.hits, again.misses) == (3, 1)
         assert not torch.equal(edited.v0[0], first.v0[0])
+        assert len(list((again.root / "edited").glob("*/*.safetensors"))) == 1
+        reused = later.values(model, tok, REQUESTS[:1], 2, templates, VALUE, progress=False)
+        assert (later.hits, later.misses) == (1, 0) and torch.equal(reused.delta, edited.delta)
     finally:
         with torch.no_grad():
             W.weight.copy_(saved)  # bit-exact: the module-scoped model is shared with later tests
 
 
-def test_rome_reuses_values_only_for_its_first_edit(tiny, tokenizer, tmp_path):
-    """ROME's second request is edited on top of the first: its v* must not come from the unedited model."""
-    from lmedit.locate.value_store import ValueStore, reusing_values
+def test_rome_reuses_values_only_in_the_same_model_state(tiny, tokenizer, tmp_path):
+    """ROME's second request is edited on top of the first: its v* must not come from the unedited model,
+    but the same sequence made again passes through the same states and reuses every v*, bit for bit."""
+    from lmedit.locate.value_store import ValueStore, model_state, reusing_values
 
     model, tok = tiny.model, tokenizer
     rome = get_editor("rome")
@@ -450,13 +455,18 @@ def test_rome_reuses_values_only_for_its_first_edit(tiny, tokenizer, tmp_path):
     store = ValueStore(model, None)
     with reusing_values(store):
         patch = rome.fn(model, tok, REQUESTS[:2], config, progress=False)
-        assert (store.hits, store.misses) == (0, 1)
+        assert (store.hits, store.misses) == (0, 2)
         again = rome.fn(model, tok, REQUESTS[:1], config, progress=False)
-        assert (store.hits, store.misses) == (1, 1)
+        assert (store.hits, store.misses) == (1, 2)
+        replay = rome.fn(model, tok, REQUESTS[:2], config, progress=False)
+        assert (store.hits, store.misses) == (3, 2)
     plain = rome.fn(model, tok, REQUESTS[:1], config, progress=False)
     name = next(iter(plain.deltas))
     assert torch.equal(again.deltas[name].full(), plain.deltas[name].full())
     assert not torch.equal(patch.deltas[name].full(), plain.deltas[name].full())
+    assert torch.equal(replay.deltas[name].full(), patch.deltas[name].full())
+    # the second edit's v* was optimised on the edited model, not taken from the unedited one
+    assert len({state for state, _ in store.memory}) == 2 and model_state(model) == store.state
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gptj", "gpt_neox", "llama", "qwen2", "gemma3_text"])

@@ -3,11 +3,14 @@
 v*_i depends only on request i, the layer, the value settings, the context templates and the model's
 weights — not on which other requests share its batch (values.py: a stacked δ is n independent
 optimisations). So a sweep over batch sizes, MEMIT beside EMMET, and ROME at the same layer can all reuse
-the same v*. A store is bound to one model state: it is consulted only while the MLP output projections
-(the only weights a locate-then-edit patch changes) hash to the state it was opened on, so sequential runs
-and ROME's one-after-another edits compute v* afresh once the model carries an edit.
+the same v*. Entries are keyed by the model state as well: the MLP output projections (the only weights a
+locate-then-edit patch changes) are hashed on every call, so once the model carries an edit its v* are
+computed afresh on the edited model — and kept under that state. A sequential run or ROME's
+one-after-another edits made again (a resumed batch, the first 100 of a 1000-edit sequence, another
+evaluation of the same sequence) pass through the same states and reuse every v*.
 
-Entries are small safetensors files under `cache_dir()/values/<hash of all weights>/`, written atomically,
+Entries are small safetensors files under `cache_dir()/values/<hash of all weights>/` for the model the store
+was opened on, and `.../edited/<hash of its MLP outputs>/` for edited states, written atomically,
 so they also survive across runs. Batched and one-by-one optimisation agree exactly in float64 and to float32
 rounding otherwise (see the values tests); a run records how many v* it reused.
 """
@@ -42,7 +45,7 @@ def model_state(model) -> str:
 
 
 class ValueStore:
-    """v* per request for one model state, in memory and (when `root` is given) on disk."""
+    """v* per (request, model state) for one checkpoint, in memory and (when `root` is given) on disk."""
 
     def __init__(self, model, root: Path | None = None, block: int = 128):
         self.state = model_state(model)
@@ -51,7 +54,7 @@ class ValueStore:
         # here), not only the MLP outputs checked per call: another checkpoint that shares those never hits.
         whole = fingerprint(model, [n for n, _ in model.named_parameters()])
         self.root = None if root is None else Path(root) / whole[:24]
-        self.memory: dict[str, dict[str, torch.Tensor]] = {}
+        self.memory: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (model state, key)
         self.hits = 0
         self.misses = 0
 
@@ -61,32 +64,42 @@ class ValueStore:
         doc = [request.prompt, request.subject, request.target_new, layer, templates, settings]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        if key in self.memory:
-            return self.memory[key]
-        path = None if self.root is None else self.root / f"{key}.safetensors"
+    def _dir(self, state: str) -> Path | None:
+        """Where a state's entries live: the opening state at the root, an edited one in its own folder."""
+        if self.root is None:
+            return None
+        return self.root if state == self.state else self.root / "edited" / state[:24]
+
+    def get(self, key: str, state: str | None = None) -> dict[str, torch.Tensor] | None:
+        state = state or self.state
+        if (state, key) in self.memory:
+            return self.memory[state, key]
+        folder = self._dir(state)
+        path = None if folder is None else folder / f"{key}.safetensors"
         if path is None or not path.is_file():
             return None
         try:
             entry = load_tensors(path.read_bytes())
         except SafetensorError:
             return None  # a damaged cache entry is recomputed, never trusted
-        self.memory[key] = entry
+        self.memory[state, key] = entry
         return entry
 
-    def put(self, key: str, entry: dict[str, torch.Tensor]) -> None:
+    def put(self, key: str, entry: dict[str, torch.Tensor], state: str | None = None) -> dict[str, torch.Tensor]:
+        state = state or self.state
         entry = {k: v.detach().cpu().contiguous() for k, v in entry.items()}
-        self.memory[key] = entry
-        if self.root is not None:
-            atomic_write_bytes(self.root / f"{key}.safetensors", save_tensors(entry))
+        self.memory[state, key] = entry
+        folder = self._dir(state)
+        if folder is not None:
+            atomic_write_bytes(folder / f"{key}.safetensors", save_tensors(entry))
+        return entry
 
     def values(self, model, tokenizer, requests: list[EditRequest], layer: int, templates: list[str],
                config: ValueConfig, progress: bool = True) -> Values:
-        """compute_values with reuse: only the requests this store has not seen are optimised."""
-        if model_state(model) != self.state:
-            return compute_values(model, tokenizer, requests, layer, templates, config, progress=progress)
+        """compute_values with reuse: only the requests this store has not seen in this model state are optimised."""
+        state = model_state(model)
         keys = [self.key(r, layer, templates, config) for r in requests]
-        found = {k: e for k in dict.fromkeys(keys) if (e := self.get(k)) is not None}
+        found = {k: e for k in dict.fromkeys(keys) if (e := self.get(k, state)) is not None}
         missing = [i for i, k in enumerate(keys) if k not in found]
         self.hits += len(requests) - len(missing)
         self.misses += len(missing)
@@ -97,8 +110,7 @@ class ValueStore:
             for j, i in enumerate(part):
                 entry = {"v0": fresh.v0[j], "delta": fresh.delta[j], "target_prob": fresh.target_prob[j],
                          "steps": fresh.steps[j]}
-                self.put(keys[i], entry)
-                found[keys[i]] = self.memory[keys[i]]
+                found[keys[i]] = self.put(keys[i], entry, state)
         device = next(model.parameters()).device
         stack = lambda name: torch.stack([found[k][name] for k in keys]).to(device)  # noqa: E731
         return Values(v0=stack("v0"), delta=stack("delta"), target_prob=stack("target_prob").cpu(),
