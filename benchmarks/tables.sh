@@ -54,6 +54,7 @@ ft100single() {  # each edit trained alone on the original model (random facts f
 seq100() {  # sequential: batches of 10 each on top of the earlier ones (ROME in batches = ROME sequential)
   run cf100-memit-seq10 10 counterfact --data $CF --limit 100 --method memit --sequential
   run cf100-rome-b10 10 counterfact --data $CF --limit 100 --method rome
+  run cf100-rome-b100 100 counterfact --data $CF --limit 100 --method rome  # all 100 one after another
   run cf100-emmet-mu0.001-seq10 10 counterfact --data $CF --limit 100 --method emmet --set mu=0.001 --sequential
 }
 zsre100() {
@@ -64,6 +65,7 @@ zsre100() {
 seqzsre100() {  # sequential on zsRE: batches of 10, each on top of the earlier ones (v* on the edited model)
   run zsre100-memit-seq10 10 zsre --data $ZSRE --limit 100 --method memit --sequential
   run zsre100-rome-b10 10 zsre --data $ZSRE --limit 100 --method rome
+  run zsre100-rome-b100 100 zsre --data $ZSRE --limit 100 --method rome
   run zsre100-emmet-mu0.001-seq10 10 zsre --data $ZSRE --limit 100 --method emmet --set mu=0.001 --sequential
 }
 ftzsre100() {  # fine-tuning editors on zsRE, 100 edits trained together; random facts: counterfact-train's true

@@ -15,6 +15,7 @@ TABLES = Path(__file__).resolve().parent / "results" / "tables"
 COUNTERFACT = [  # (label, result file stem)
     ("ROME, each edit alone", "cf100-rome"),
     ("ROME, 10 edits one after another per batch", "cf100-rome-b10"),
+    ("ROME, all 100 one after another", "cf100-rome-b100"),
     ("MEMIT, batch 1", "cf100-memit.b1"),
     ("MEMIT, batch 10", "cf100-memit.b10"),
     ("MEMIT, batch 100", "cf100-memit.b100"),
@@ -48,6 +49,7 @@ COUNTERFACT_1000 = [
     ("MEMIT, sequential batches of 100", "cf1000-memit-seq100"),
     ("EMMET μ = 0.001, sequential batches of 100", "cf1000-emmet-mu0.001-seq100"),
     ("ROME, each edit alone", "cf1000-rome"),
+    ("ROME, all 1000 one after another", "cf1000-rome-seq100"),
     ("FT (prompt + target), mass 1000", "cf1000-ft"),
     ("FT-conditional, mass 1000", "cf1000-ftc"),
     ("FT-conditional + augmentation (m = r = 2), mass 1000", "cf1000-ftc-aug"),
@@ -61,6 +63,7 @@ ZSRE_500 = [
     ("EMMET μ = 0.001, batch 500", "zsre500-emmet-mu0.001.b500"),
     ("MEMIT, sequential batches of 100", "zsre500-memit-seq100"),
     ("EMMET μ = 0.001, sequential batches of 100", "zsre500-emmet-mu0.001-seq100"),
+    ("ROME, all 500 one after another", "zsre500-rome-seq100"),
     ("FT (prompt + target), mass 500", "zsre500-ft"),
     ("FT-conditional, mass 500", "zsre500-ftc"),
     ("FT-conditional + augmentation (m = r = 2), mass 500", "zsre500-ftc-aug"),
@@ -73,6 +76,7 @@ ZSRE = [
     ("MEMIT λ = 5000, batch 100", "zsre100-memit-lambda5000"),
     ("MEMIT λ = 50000, batch 100", "zsre100-memit-lambda50000"),
     ("ROME, 10 edits one after another per batch", "zsre100-rome-b10"),
+    ("ROME, all 100 one after another", "zsre100-rome-b100"),
     ("MEMIT, sequential batches of 10", "zsre100-memit-seq10"),
     ("EMMET μ = 0.001, batch 100", "zsre100-emmet-mu0.001"),
     ("EMMET μ = 0.001, sequential batches of 10", "zsre100-emmet-mu0.001-seq10"),
@@ -117,7 +121,7 @@ def main() -> None:
     zsre500 = table(ZSRE_500, ZSRE_METRICS)
     if zsre500:
         out += ["", "### zsRE, all 500 records", ""] + zsre500
-    out += ["", "† v* taken from an earlier run on the same model (identical optimisation); s/edit leaves it out."]
+    out += ["", "† v* taken from an earlier run on the same model state (identical optimisation); s/edit leaves it out."]
     print("\n".join(out))
 
 
