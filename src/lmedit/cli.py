@@ -121,8 +121,8 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     """
     import shutil
 
-    from lmedit.editors import get_editor, make_config
     from lmedit.checkpoints import train_dir_beside
+    from lmedit.editors import get_editor, make_config
     from lmedit.editors.finetune import checkpoint_training
     from lmedit.fileio import check_writable
     from lmedit.requests import load_requests

@@ -70,8 +70,7 @@ class ValueStore:
             return None
         return self.root if state == self.state else self.root / "edited" / state[:24]
 
-    def get(self, key: str, state: str | None = None) -> dict[str, torch.Tensor] | None:
-        state = state or self.state
+    def get(self, state: str, key: str) -> dict[str, torch.Tensor] | None:
         if (state, key) in self.memory:
             return self.memory[state, key]
         folder = self._dir(state)
@@ -85,8 +84,7 @@ class ValueStore:
         self.memory[state, key] = entry
         return entry
 
-    def put(self, key: str, entry: dict[str, torch.Tensor], state: str | None = None) -> dict[str, torch.Tensor]:
-        state = state or self.state
+    def put(self, state: str, key: str, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         entry = {k: v.detach().cpu().contiguous() for k, v in entry.items()}
         self.memory[state, key] = entry
         folder = self._dir(state)
@@ -99,7 +97,7 @@ class ValueStore:
         """compute_values with reuse: only the requests this store has not seen in this model state are optimised."""
         state = model_state(model)
         keys = [self.key(r, layer, templates, config) for r in requests]
-        found = {k: e for k in dict.fromkeys(keys) if (e := self.get(k, state)) is not None}
+        found = {k: e for k in dict.fromkeys(keys) if (e := self.get(state, k)) is not None}
         missing = [i for i, k in enumerate(keys) if k not in found]
         self.hits += len(requests) - len(missing)
         self.misses += len(missing)
@@ -110,7 +108,7 @@ class ValueStore:
             for j, i in enumerate(part):
                 entry = {"v0": fresh.v0[j], "delta": fresh.delta[j], "target_prob": fresh.target_prob[j],
                          "steps": fresh.steps[j]}
-                found[keys[i]] = self.put(keys[i], entry, state)
+                found[keys[i]] = self.put(state, keys[i], entry)
         device = next(model.parameters()).device
         stack = lambda name: torch.stack([found[k][name] for k in keys]).to(device)  # noqa: E731
         return Values(v0=stack("v0"), delta=stack("delta"), target_prob=stack("target_prob").cpu(),
