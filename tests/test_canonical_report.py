@@ -9,6 +9,7 @@ import pytest
 
 from lmedit.errors import InputError
 from lmedit.evaluate.canonical_report import merge_canonical
+from lmedit.evaluate.search import RunCost, run_key
 from lmedit.evaluate.report import build_report
 
 PROTOCOL = {"general_text": "owt.jsonl", "n_docs": 20, "max_tokens": 128, "patience": None}
@@ -27,11 +28,11 @@ def _run(task, method, score, model="m", split="val:b", unedited=0.1):
             "diverged": None, "timing": {}}
 
 
-def _search(task, method, score):
+def _search(task, method, score, timing=None):
     run = {**_run(task, method, score), "selection": {"params": {"lr": 3e-4}, "best_value": score + 0.1,
                                                       "study": "s", "n_trials": 8}}
     return {"kind": "canonical-search", "task": task, "method": method, "model": "m", "select_split": "val:a",
-            "report_split": "val:b", "n_trials": 8, "leagues": {"0.001": run}}
+            "report_split": "val:b", "n_trials": 8, "leagues": {"0.001": run}, **({"timing": timing} if timing else {})}
 
 
 def _write(tmp_path, name, obj):
@@ -71,3 +72,31 @@ def test_cells_that_are_not_comparable_are_refused(tmp_path, second, phrase):
     with pytest.raises(InputError, match=phrase):
         build_report(files, tmp_path / "rep")
     assert not (tmp_path / "rep").exists()
+
+
+def test_run_cost_counts_each_distinct_run_once():
+    cost = RunCost()
+    a = {"train_seconds": 10.0, "eval_seconds": 30.0, "unedited_seconds": 2.0}
+    cost.add(run_key("val:a", {"lr": 1e-4}), a, reused=False)
+    cost.add(run_key("val:a", {"lr": 1e-4}), {}, reused=True)  # the same trial in another league's study
+    cost.add(run_key("val:a", {"lr": 1e-4}), a, reused=True)
+    cost.add(run_key("val:b", {"lr": 1e-4}), {"train_seconds": 1.0, "eval_seconds": 3.0}, reused=True)
+    b = cost.breakdown()
+    assert (b["runs"], b["runs_reused"]) == (2, 3)
+    assert (b["train_seconds"], b["eval_seconds"], b["unedited_seconds"]) == (11.0, 33.0, 2.0)
+
+
+def test_merged_table_adds_up_where_the_time_goes(tmp_path):
+    t1 = {"total": 50.0, "breakdown": {"runs": 3, "runs_reused": 2, "train_seconds": 10.0, "eval_seconds": 40.0,
+                                       "unedited_seconds": 5.0}}
+    files = [_write(tmp_path, "a", _search("country_capital", "lora", 0.05, timing=t1)),
+             _write(tmp_path, "b", {**_run("temporal", "ft", 0.1), "timing": {"train_seconds": 7.0,
+                                                                              "eval_seconds": 3.0}}),
+             _write(tmp_path, "c", _search("temporal", "lora", 0.0))]  # an older file: no timing
+    table = merge_canonical([(p, json.loads(p.read_text())) for p in files])
+    b = table["timing"]["breakdown"]
+    assert (b["runs"], b["train_seconds"], b["eval_seconds"], b["unedited_seconds"]) == (4, 17.0, 43.0, 5.0)
+    assert table["timing"]["untimed_groups"] == 1
+    md = build_report(files, tmp_path / "rep").read_text()
+    assert "4 distinct runs, 65 s from scratch" in md and "| country_capital · lora | 3 | 55 | 10 | 40 | 5 |" in md
+    assert "1 task · method groups came from files without timing" in md

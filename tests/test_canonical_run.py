@@ -375,6 +375,14 @@ def test_cli_search_table_markdown_and_png(tiny, data_dir, tmp_path, tmp_cache, 
     assert "| unedited success rate |" in md and "## League ε = 10" in md and "| memit |" in md
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_cache / "canonical" / "optuna.db").is_file()  # the default storage
+    # where the time goes: each distinct run once (the two league studies share their start-up trials)
+    ft = table["tasks"]["country_capital"]["methods"]["ft"]["leagues"]
+    chosen = {json.dumps(c["params"], sort_keys=True) for c in ft.values()}
+    cost = table["timing"]["groups"]["country_capital/ft"]
+    assert cost["runs"] == 2 + len(chosen) and cost["runs_reused"] >= 2
+    assert cost["train_seconds"] > 0 and cost["eval_seconds"] > 0
+    assert table["timing"]["breakdown"]["runs"] == cost["runs"] + table["timing"]["groups"]["country_capital/memit"]["runs"]
+    assert "| country_capital · ft | " in md
 
     capsys.readouterr()  # what saving the model and the run printed
     code, err = run_cli(monkeypatch, capsys, *common, "--split", SPLIT, "--method", "ft", "--out", str(out))

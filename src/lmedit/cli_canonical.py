@@ -6,6 +6,7 @@ input (task, method, league, splits, data files, output paths) runs before the m
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -197,13 +198,17 @@ def eval_canonical(
     else:
         result = {"kind": "canonical-search", "task": data.name, "method": m, "model": lm.name,
                   "select_split": select_name, "report_split": report_name, "n_trials": trials, "leagues": {}}
+        cost, t_start = se.RunCost(), time.perf_counter()
         for eps in leagues:
             say(f"{data.name} · {m} · ε={cr.league_key(eps)}: searching on {select_name}")
             study = se.search(runner, select[tasks[0]], m, eps, n_trials=trials, storage=storage, seed=seed,
                               fixed=fixed, space=space, announce=say)
             res = se.run_selected(runner, study, data, m, eps, fixed=fixed, announce=say)
             result["leagues"][cr.league_key(eps)] = res
+            cost.add_study(study)
+            cost.add(se.run_key(data.split, res["selection"]["params"]), res["timing"], res["selection"]["reused"])
             _print_result(console, res, only=cr.league_key(eps))
+        result["timing"] = {"total": time.perf_counter() - t_start, "breakdown": cost.breakdown()}
         atomic_write_json(out, result)
     console.print(f"→ {out}")
 

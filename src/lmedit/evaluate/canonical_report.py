@@ -13,6 +13,27 @@ from pathlib import Path
 from lmedit.errors import InputError
 
 KINDS = ("canonical-table", "canonical-search", "canonical-run")
+TIME_FIELDS = ("train_seconds", "eval_seconds", "unedited_seconds")
+
+
+def add_breakdowns(parts) -> dict:
+    """The sum of several run-cost breakdowns (search.RunCost.breakdown(): distinct runs, seconds by phase)."""
+    out = {"runs": 0, "runs_reused": 0, **{f: 0.0 for f in TIME_FIELDS}}
+    for part in parts:
+        for k in out:
+            out[k] += part.get(k, 0)
+    return out
+
+
+def _time_groups(result: dict) -> dict[str, dict]:
+    """{"task/method": cost breakdown} of one file (empty where the file predates the breakdown)."""
+    kind, timing = kind_of(result), result.get("timing") or {}
+    if kind == "canonical-search":
+        return {f"{result['task']}/{result['method']}": timing["breakdown"]} if "breakdown" in timing else {}
+    if kind == "canonical-run":
+        return {f"{result['task']}/{result['method']}": {"runs": 1, "runs_reused": 0,
+                                                          **{f: timing.get(f, 0.0) for f in TIME_FIELDS}}}
+    return dict(timing.get("groups") or {})
 
 
 def kind_of(result: dict) -> str | None:
@@ -70,6 +91,7 @@ def merge_canonical(files: list[tuple[Path, dict]]) -> dict:
              "sources": [str(p) for p, _ in files]}
     first: dict[str, Path] = {}
     searched = fixed = 0
+    groups: dict[str, dict] = {}
     for path, result in files:
         model = result.get("model")
         if table["model"] is None:
@@ -108,7 +130,14 @@ def merge_canonical(files: list[tuple[Path, dict]]) -> dict:
                     table["leagues"].append(eps)
             searched += was_searched
             fixed += not was_searched
+        groups.update(_time_groups(result))
     table["leagues"].sort(key=float, reverse=True)
+    if groups:
+        table["timing"] = {"groups": groups, "breakdown": add_breakdowns(groups.values())}
+        untimed = sum(1 for t, row in table["tasks"].items() for m, e in row["methods"].items()
+                      if "skipped" not in e and f"{t}/{m}" not in groups)
+        if untimed:
+            table["timing"]["untimed_groups"] = untimed
     if searched and fixed:
         table["note"] = (f"(task, method) groups: {searched} chosen by search, {fixed} run with fixed settings; "
                          "the JSON records each cell's settings.")

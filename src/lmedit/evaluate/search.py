@@ -38,6 +38,7 @@ from lmedit.errors import EditFailure, InputError
 from lmedit.evaluate.canonical import CanonicalTask
 from lmedit.evaluate.canonical_config import (SUBJECT_FIELDS, check_method, check_overrides, make_settings,
                                               overrides_for, task_digest)
+from lmedit.evaluate.canonical_report import TIME_FIELDS, add_breakdowns
 from lmedit.evaluate.canonical_run import Runner, league_key, league_table, run_canonical
 from lmedit.evaluate.leagues import LEAGUES, check_epsilon
 from lmedit.fileio import atomic_write_bytes
@@ -177,7 +178,7 @@ def search(runner: Runner, task: CanonicalTask, method: str, league: float, *, n
         trial.set_user_attr("reused", reused)
         trial.set_user_attr("epochs_run", len(result["trace"]))
         trial.set_user_attr("diverged", result["diverged"])
-        trial.set_user_attr("timing", {} if reused else result["timing"])
+        trial.set_user_attr("timing", result["timing"])  # also when reused: RunCost counts each run once
         trial.set_user_attr("success_trace", [p["success_rate"] for p in result["trace"]])
         if announce:
             shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in trial.params.items()}
@@ -223,14 +224,41 @@ def _cell(entry: dict, extra: dict) -> dict:
     return {**entry, **extra}
 
 
-def _account(acc: dict, timing: dict | None, reused: bool) -> None:
-    """Add one run's seconds to the table's breakdown (a reused run cost nothing here)."""
-    if reused or not timing:
-        acc["runs_reused"] += 1
-        return
-    acc["runs"] += 1
-    for k in ("train_seconds", "eval_seconds", "unedited_seconds"):
-        acc[k] += timing.get(k, 0.0)
+class RunCost:
+    """What a group of runs costs on this machine, each distinct run counted once, whether it ran in this
+    invocation or was read from the run cache (a trial shared by the three league studies, a configuration already
+    run): the seconds the cells would take from scratch, split into training, per-epoch evaluation and the
+    unedited evaluation."""
+
+    def __init__(self):
+        self._runs: dict[str, dict] = {}
+        self.lookups_reused = 0
+
+    def add(self, key: str, timing: dict | None, reused: bool) -> None:
+        """One run lookup; `key` names the run (split and configuration), `timing` is its result's timing (empty
+        for a trial recorded as reused by an older version, which did not keep it)."""
+        self.lookups_reused += bool(reused)
+        if timing or key not in self._runs:
+            self._runs[key] = self._runs.get(key) or dict(timing or {})
+
+    def add_study(self, study) -> None:
+        import optuna
+
+        split = study.user_attrs.get("split")
+        for t in study.trials:
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                self.add(run_key(split, t.params), t.user_attrs.get("timing"), t.user_attrs.get("reused", True))
+
+    def breakdown(self) -> dict:
+        runs = list(self._runs.values())
+        out = {"runs": len(runs), "runs_reused": self.lookups_reused}
+        for field in TIME_FIELDS:
+            out[field] = sum(t.get(field, 0.0) for t in runs)
+        return out
+
+
+def run_key(split: str | None, config: dict) -> str:
+    return f"{split}|{json.dumps(config, sort_keys=True, default=str)}"
 
 
 def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, report: dict[str, CanonicalTask],
@@ -251,7 +279,7 @@ def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, rep
              "storage": (storage or default_storage(runner)) if n_trials else None, "seed": seed,
              "fixed": dict(fixed or {}), "space": dataclasses.asdict(space) if n_trials else None,
              "protocol": None, "tasks": {}, "timing": {}}
-    acc = {"runs": 0, "runs_reused": 0, "train_seconds": 0.0, "eval_seconds": 0.0, "unedited_seconds": 0.0}
+    groups: dict[str, RunCost] = {}
     for name, rep in report.items():
         unedited, _ = runner.unedited(rep)
         row = {"rule": rep.spec.rule, "kind": rep.kind, "n": {r: len(getattr(rep, r)) for r in
@@ -264,12 +292,13 @@ def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, rep
                 row["methods"][method] = {"skipped": f"memit needs a subject to locate; task {name} has none"}
                 continue
             say(f"{name} · {method}")
+            cost = groups[f"{name}/{method}"] = RunCost()
             mine = overrides_for(method, fixed, strict=False)
             cells = {}
             if not n_trials:
                 settings = make_settings(method, runner.model, runner.model_name, mine)
                 result, reused = cached_run(runner, rep, method, settings, announce=announce)
-                _account(acc, result["timing"], reused)
+                cost.add(run_key(rep.split, result["config"]), result["timing"], reused)
                 lt = league_table(result["trace"], result["unedited"], leagues)
                 for eps in leagues:
                     cells[league_key(eps)] = _cell(lt[league_key(eps)], {"config": result["config"], "reused": reused,
@@ -278,20 +307,20 @@ def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, rep
                 for eps in leagues:
                     study = search(runner, select[name], method, eps, n_trials=n_trials, storage=storage, seed=seed,
                                    fixed=mine, space=space, announce=announce)
-                    for t in study.trials:
-                        _account(acc, t.user_attrs.get("timing"), t.user_attrs.get("reused", True))
+                    cost.add_study(study)
                     res = run_selected(runner, study, rep, method, eps, fixed=mine)
                     sel = res["selection"]
-                    _account(acc, res["timing"], sel["reused"])
+                    cost.add(run_key(rep.split, sel["params"]), res["timing"], sel["reused"])
                     cells[league_key(eps)] = _cell(res["leagues"][league_key(eps)], {
                         "params": sel["params"], "select_score": sel["best_value"], "study": sel["study"],
                         "diverged": res["diverged"], "epochs_run": len(res["trace"])})
                     say(f"  ε={league_key(eps)}: select {sel['best_value']:+.4f} → report "
                         f"{cells[league_key(eps)]['score']:+.4f} with {sel['params']}")
             row["methods"][method] = {"leagues": cells}
-            table["timing"][f"{name}/{method}"] = time.perf_counter() - t0
+            table["timing"].setdefault("wall", {})[f"{name}/{method}"] = time.perf_counter() - t0
     table["timing"]["total"] = time.perf_counter() - t_all
-    table["timing"]["breakdown"] = acc
+    table["timing"]["groups"] = {k: c.breakdown() for k, c in groups.items()}
+    table["timing"]["breakdown"] = add_breakdowns(list(table["timing"]["groups"].values()))
     p = runner.protocol
     table["protocol"] = {"general_text": str(p.general_path), "n_docs": p.n_docs, "max_tokens": p.max_tokens,
                          "patience": p.patience}
@@ -343,14 +372,35 @@ def render_markdown(table: dict) -> str:
                 cells.append(_cell_text(m if m and "skipped" in m else (m or {}).get("leagues", {}).get(eps)))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
-    timing = table.get("timing") or {}
-    if timing:
-        b = timing.get("breakdown") or {}
-        lines += [f"Total time: {timing.get('total', 0):.0f} s" + (
-            f"; {b['runs']} runs trained ({b['train_seconds']:.0f} s training, {b['eval_seconds']:.0f} s evaluating "
-            f"after epochs, {b['unedited_seconds']:.0f} s unedited evaluations), {b['runs_reused']} runs reused "
-            "from the run cache." if b else "."), ""]
+    lines += _timing_lines(table.get("timing") or {}, merged=bool(table.get("sources")))
     return "\n".join(lines)
+
+
+def _timing_lines(timing: dict, merged: bool) -> list[str]:
+    """Where the time goes: each distinct run once (from scratch, one process), by task · method and in total."""
+    b = timing.get("breakdown")
+    if not b:
+        return []
+
+    def spent(x):
+        return x["train_seconds"] + x["eval_seconds"] + x["unedited_seconds"]
+
+    wall = "" if merged or "total" not in timing else f"; this command took {timing['total']:.0f} s wall"
+    lines = [f"Time: {b['runs']} distinct runs, {spent(b):.0f} s from scratch in one process "
+             f"({b['train_seconds']:.0f} s training or editing, {b['eval_seconds']:.0f} s evaluating after epochs, "
+             f"{b['unedited_seconds']:.0f} s unedited evaluations); {b['runs_reused']} run lookups answered by the "
+             f"run cache{wall}."]
+    if timing.get("untimed_groups"):
+        lines[-1] += f" {timing['untimed_groups']} task · method groups came from files without timing."
+    lines.append("")
+    groups = timing.get("groups") or {}
+    if groups:
+        lines += ["| task · method | runs | seconds | training | evaluating | unedited |", "|---|---|---|---|---|---|"]
+        for name, g in sorted(groups.items(), key=lambda kv: -spent(kv[1])):
+            lines.append(f"| {name.replace('/', ' · ')} | {g['runs']} | {spent(g):.0f} | {g['train_seconds']:.0f} | "
+                         f"{g['eval_seconds']:.0f} | {g['unedited_seconds']:.0f} |")
+        lines.append("")
+    return lines
 
 
 def plot_table(table: dict, path: str | Path) -> None:
