@@ -100,3 +100,7 @@ def test_merged_table_adds_up_where_the_time_goes(tmp_path):
     md = build_report(files, tmp_path / "rep").read_text()
     assert "4 distinct runs, 65 s from scratch" in md and "| country_capital · lora | 3 | 55 | 10 | 40 | 5 |" in md
     assert "1 task · method groups came from files without timing" in md
+    assert "Hyperparameters: 8 Optuna trials per cell" in md
+    files.append(_write(tmp_path, "d", {**_search("company_ceo", "lora", 0.1), "n_trials": 4}))
+    md = build_report(files, tmp_path / "rep2").read_text()
+    assert "Hyperparameters: 4–8 Optuna trials per cell" in md

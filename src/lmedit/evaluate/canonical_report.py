@@ -92,6 +92,7 @@ def merge_canonical(files: list[tuple[Path, dict]]) -> dict:
     first: dict[str, Path] = {}
     searched = fixed = 0
     groups: dict[str, dict] = {}
+    trial_counts: set[int] = set()
     for path, result in files:
         model = result.get("model")
         if table["model"] is None:
@@ -101,6 +102,7 @@ def merge_canonical(files: list[tuple[Path, dict]]) -> dict:
                              "one table compares one model")
         if kind_of(result) == "canonical-search" or (kind_of(result) == "canonical-table" and result.get("n_trials")):
             table["n_trials"] = max(table["n_trials"], int(result["n_trials"]))
+            trial_counts.add(int(result["n_trials"]))
             table["select_split"] = table["select_split"] or result.get("select_split")
         for task, method, split, unedited, protocol, cells, was_searched in _entries(path, result):
             if table["report_split"] is None:
@@ -132,6 +134,8 @@ def merge_canonical(files: list[tuple[Path, dict]]) -> dict:
             fixed += not was_searched
         groups.update(_time_groups(result))
     table["leagues"].sort(key=float, reverse=True)
+    if len(trial_counts) > 1:
+        table["n_trials_range"] = [min(trial_counts), max(trial_counts)]
     if groups:
         table["timing"] = {"groups": groups, "breakdown": add_breakdowns(groups.values())}
         untimed = sum(1 for t, row in table["tasks"].items() for m, e in row["methods"].items()

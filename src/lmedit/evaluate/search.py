@@ -350,7 +350,9 @@ def render_markdown(table: dict) -> str:
     tasks = list(table["tasks"])
     lines = [f"# Canonical-examples editing: {table['model']}", ""]
     if table.get("n_trials"):
-        lines.append(f"Hyperparameters: {table['n_trials']} Optuna trials per cell on `{table['select_split']}`; "
+        lo, hi = table.get("n_trials_range") or (table["n_trials"],) * 2
+        trials = f"{lo}" if lo == hi else f"{lo}–{hi}"
+        lines.append(f"Hyperparameters: {trials} Optuna trials per cell on `{table['select_split']}`; "
                      f"numbers from one run of the best configuration on `{table['report_split']}`.")
     else:
         lines.append(f"One run per cell with fixed settings {table.get('fixed') or '(defaults)'} on "
