@@ -42,11 +42,12 @@ def _write(tmp_path, name, obj):
 
 
 def test_separate_runs_and_searches_make_one_table(tmp_path):
-    files = [_write(tmp_path, "a", _run("country_capital", "ft", 0.25)),
-             _write(tmp_path, "b", _search("country_capital", "lora", 0.05)),
-             _write(tmp_path, "c", _run("temporal", "ft", -0.1))]
+    files = [_write(tmp_path, "c", _run("temporal", "ft", -0.1)),  # in the table: the paper's order of tasks
+             _write(tmp_path, "b", _search("country_capital", "lora", 0.05)),  # and of methods
+             _write(tmp_path, "a", _run("country_capital", "ft", 0.25))]
     md = build_report(files, tmp_path / "rep").read_text()
     assert "| method | country_capital | temporal |" in md
+    assert md.index("| ft |") < md.index("| lora |")
     assert "| ft | +0.250 (ep 2;" in md and "-0.100 (ep 2;" in md
     assert "| lora | +0.050 (ep 2;" in md and "| lora | +0.050 (ep 2; gen +5.0e-04, tgt -1.0e-01, hn -0.200) | – |" in md
     assert "(task, method) groups: 1 chosen by search, 2 run with fixed settings" in md

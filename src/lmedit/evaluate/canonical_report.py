@@ -84,6 +84,18 @@ def _entries(path: Path, result: dict):
                        bool(result.get("n_trials")))
 
 
+def _order_as_in_the_paper(table: dict) -> None:
+    """Tasks and methods in their canonical order (the order of `--all`), whatever order the files came in."""
+    from lmedit.evaluate.canonical import TASKS
+    from lmedit.evaluate.canonical_config import METHODS
+
+    def rank(order):
+        return lambda name: (order.index(name) if name in order else len(order), name)
+
+    table["tasks"] = {t: table["tasks"][t] for t in sorted(table["tasks"], key=rank(list(TASKS)))}
+    table["methods"].sort(key=rank(list(METHODS)))
+
+
 def merge_canonical(files: list[tuple[Path, dict]]) -> dict:
     """Merge canonical results into one `canonical-table` (tasks × methods × leagues)."""
     table = {"kind": "canonical-table", "model": None, "methods": [], "leagues": [], "n_trials": 0,
@@ -134,6 +146,7 @@ def merge_canonical(files: list[tuple[Path, dict]]) -> dict:
             fixed += not was_searched
         groups.update(_time_groups(result))
     table["leagues"].sort(key=float, reverse=True)
+    _order_as_in_the_paper(table)
     if len(trial_counts) > 1:
         table["n_trials_range"] = [min(trial_counts), max(trial_counts)]
     if groups:
