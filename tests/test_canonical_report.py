@@ -101,6 +101,10 @@ def test_merged_table_adds_up_where_the_time_goes(tmp_path):
     md = build_report(files, tmp_path / "rep").read_text()
     assert "4 distinct runs, 65 s from scratch" in md and "| country_capital · lora | 3 | 55 | 10 | 40 | 5 |" in md
     assert "1 task · method groups came from files without timing" in md
+    assert "| memit |" not in md
+    files.append(_write(tmp_path, "e", _run("country_capital", "memit", 0.05)))
+    md = build_report(files, tmp_path / "rep3").read_text()
+    assert "| memit | +0.050 (ep 2; gen +5.0e-04, tgt -1.0e-01, hn -0.200) | n/a |" in md  # temporal has no subject
     assert "Hyperparameters: 8 Optuna trials per cell" in md
     files.append(_write(tmp_path, "d", {**_search("company_ceo", "lora", 0.1), "n_trials": 4}))
     md = build_report(files, tmp_path / "rep2").read_text()

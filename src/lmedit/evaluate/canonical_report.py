@@ -96,6 +96,16 @@ def _order_as_in_the_paper(table: dict) -> None:
     table["methods"].sort(key=rank(list(METHODS)))
 
 
+def _mark_not_applicable(table: dict) -> None:
+    """memit on a task without a subject to locate is "n/a" (as in `--all`), not a missing cell."""
+    from lmedit.evaluate.canonical_config import SUBJECT_FIELDS
+
+    if "memit" in table["methods"]:
+        for task, row in table["tasks"].items():
+            if task not in SUBJECT_FIELDS and "memit" not in row["methods"]:
+                row["methods"]["memit"] = {"skipped": f"memit needs a subject to locate; task {task} has none"}
+
+
 def merge_canonical(files: list[tuple[Path, dict]]) -> dict:
     """Merge canonical results into one `canonical-table` (tasks × methods × leagues)."""
     table = {"kind": "canonical-table", "model": None, "methods": [], "leagues": [], "n_trials": 0,
@@ -147,6 +157,7 @@ def merge_canonical(files: list[tuple[Path, dict]]) -> dict:
         groups.update(_time_groups(result))
     table["leagues"].sort(key=float, reverse=True)
     _order_as_in_the_paper(table)
+    _mark_not_applicable(table)
     if len(trial_counts) > 1:
         table["n_trials_range"] = [min(trial_counts), max(trial_counts)]
     if groups:
