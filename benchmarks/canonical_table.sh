@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The canonical-examples table at CPU scale, one cell group at a time (canonical_search.sh: Optuna on val:a, report
 # on val:b, cut-down evaluation), then merged into one markdown page and PNG with `lmedit report`. Finished cells
-# are kept, so an interrupted run continues; two copies with different task orders share the work on two cores.
+# are kept, so an interrupted run continues. The cell groups are independent: on several cores (or machines sharing
+# an Optuna --storage) run canonical_search.sh for different groups at once, then the last line.
 # Usage: benchmarks/canonical_table.sh [TRIALS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
