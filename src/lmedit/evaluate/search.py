@@ -406,32 +406,37 @@ def _timing_lines(timing: dict, merged: bool) -> list[str]:
 
 
 def plot_table(table: dict, path: str | Path) -> None:
-    """Grouped bars: one panel per league, tasks on the x axis, one bar per method (Δ success rate)."""
+    """Grouped bars: one panel per league (stacked), tasks on the x axis, one bar per method (Δ success rate); a dot
+    marks every measured cell, so a score of 0 is told apart from a cell not run or not applicable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks, methods, leagues = list(table["tasks"]), table["methods"], table["leagues"]
-    fig, axes = plt.subplots(1, len(leagues), figsize=(4.2 * len(leagues) + 1.5, 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(len(leagues), 1, figsize=(max(5.0, 1.2 * len(tasks)) + 1.8, 2.4 * len(leagues) + 0.8),
+                             sharey=True, squeeze=False)
     width = 0.8 / max(1, len(methods))
-    labels = [t.replace("_", "\n") + f"\n(unedited {table['tasks'][t]['unedited']['success_rate']:.2f})"
+    labels = [t.replace("_", "\n", 1).replace("_", " ") + f"\nunedited {table['tasks'][t]['unedited']['success_rate']:.2f}"
               for t in tasks]
     everything = [0.0]
-    for ax, eps in zip(axes[0], leagues):
+    for ax, eps in zip(axes[:, 0], leagues):
         for i, method in enumerate(methods):
-            vals = []
-            for t in tasks:
-                m = table["tasks"][t]["methods"].get(method) or {}
-                vals.append(((m.get("leagues") or {}).get(eps) or {}).get("score") or 0.0)
+            xs, vals = [], []
+            for j, t in enumerate(tasks):
+                cell = ((table["tasks"][t]["methods"].get(method) or {}).get("leagues") or {}).get(eps)
+                if cell is not None:
+                    xs.append(j + i * width)
+                    vals.append(cell.get("score") or 0.0)
             everything += vals
-            ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=method)
+            bars = ax.bar(xs, vals, width, label=method)
+            ax.plot(xs, vals, "o", markersize=2.5, color=bars.patches[0].get_facecolor() if bars.patches else None)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], labels, fontsize=7)
-        ax.set_title(f"ε = {eps}")
+        ax.set_title(f"league ε = {eps}", fontsize=9)
+        ax.set_ylabel("Δ success rate", fontsize=8)
     axes[0][0].set_ylim(min(everything) - 0.05, max(everything) + 0.05)  # shared y; zero bars stay readable
-    axes[0][0].set_ylabel("Δ success rate")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"canonical examples: {table['model']}", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
