@@ -109,3 +109,5 @@ def test_merged_table_adds_up_where_the_time_goes(tmp_path):
     files.append(_write(tmp_path, "d", {**_search("company_ceo", "lora", 0.1), "n_trials": 4}))
     md = build_report(files, tmp_path / "rep2").read_text()
     assert "Hyperparameters: 4–8 Optuna trials per cell" in md
+    merged = tmp_path / "rep2" / "canonical.json"
+    assert merge_canonical([(merged, json.loads(merged.read_text()))])["n_trials_range"] == [4, 8]  # merged again

@@ -124,7 +124,7 @@ def merge_canonical(files: list[tuple[Path, dict]]) -> dict:
                              "one table compares one model")
         if kind_of(result) == "canonical-search" or (kind_of(result) == "canonical-table" and result.get("n_trials")):
             table["n_trials"] = max(table["n_trials"], int(result["n_trials"]))
-            trial_counts.add(int(result["n_trials"]))
+            trial_counts.update(int(n) for n in result.get("n_trials_range") or [result["n_trials"]])
             table["select_split"] = table["select_split"] or result.get("select_split")
         for task, method, split, unedited, protocol, cells, was_searched in _entries(path, result):
             if table["report_split"] is None:
