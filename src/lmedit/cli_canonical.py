@@ -206,7 +206,7 @@ def eval_canonical(
             res = se.run_selected(runner, study, data, m, eps, fixed=fixed, announce=say)
             result["leagues"][cr.league_key(eps)] = res
             cost.add_study(study)
-            cost.add(se.run_key(data.split, res["selection"]["params"]), res["timing"], res["selection"]["reused"])
+            cost.add_selected(res)
             _print_result(console, res, only=cr.league_key(eps))
         result["timing"] = {"total": time.perf_counter() - t_start, "breakdown": cost.breakdown()}
         atomic_write_json(out, result)

@@ -147,12 +147,16 @@ def methods_for(model, methods) -> tuple[list[str], dict[str, str]]:
     return [m for m in methods if m not in cannot], cannot
 
 
+def memit_not_applicable(task: str) -> str:
+    """Why memit has no cell for a task without a subject field (the table's n/a and the error say the same)."""
+    return f"memit needs a subject to locate; task {task} has none"
+
+
 def check_method(method: str, task: str | None = None) -> str:
     if method not in METHODS:
         raise InputError(f"unknown method {method!r} for canonical tasks; choose one of: {', '.join(METHODS)}")
     if method == "memit" and task is not None and get_task(task).name not in SUBJECT_FIELDS:
-        raise InputError(f"memit needs a subject to locate; task {get_task(task).name} has none "
-                         f"(memit runs on: {', '.join(SUBJECT_FIELDS)})")
+        raise InputError(f"{memit_not_applicable(get_task(task).name)} (memit runs on: {', '.join(SUBJECT_FIELDS)})")
     return method
 
 

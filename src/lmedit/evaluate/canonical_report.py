@@ -98,12 +98,12 @@ def _order_as_in_the_paper(table: dict) -> None:
 
 def _mark_not_applicable(table: dict) -> None:
     """memit on a task without a subject to locate is "n/a" (as in `--all`), not a missing cell."""
-    from lmedit.evaluate.canonical_config import SUBJECT_FIELDS
+    from lmedit.evaluate.canonical_config import SUBJECT_FIELDS, memit_not_applicable
 
     if "memit" in table["methods"]:
         for task, row in table["tasks"].items():
             if task not in SUBJECT_FIELDS and "memit" not in row["methods"]:
-                row["methods"]["memit"] = {"skipped": f"memit needs a subject to locate; task {task} has none"}
+                row["methods"]["memit"] = {"skipped": memit_not_applicable(task)}
 
 
 def merge_canonical(files: list[tuple[Path, dict]]) -> dict:

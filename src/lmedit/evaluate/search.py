@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 from lmedit.errors import EditFailure, InputError
 from lmedit.evaluate.canonical import CanonicalTask
 from lmedit.evaluate.canonical_config import (SUBJECT_FIELDS, check_method, check_overrides, make_settings,
-                                              overrides_for, task_digest)
+                                              memit_not_applicable, overrides_for, task_digest)
 from lmedit.evaluate.canonical_report import TIME_FIELDS, add_breakdowns
 from lmedit.evaluate.canonical_run import Runner, league_key, league_table, run_canonical
 from lmedit.evaluate.leagues import LEAGUES, check_epsilon
@@ -238,8 +238,8 @@ class RunCost:
         """One run lookup; `key` names the run (split and configuration), `timing` is its result's timing (empty
         for a trial recorded as reused by an older version, which did not keep it)."""
         self.lookups_reused += bool(reused)
-        if timing or key not in self._runs:
-            self._runs[key] = self._runs.get(key) or dict(timing or {})
+        if not self._runs.get(key):  # first sight, or only seen without its timing
+            self._runs[key] = dict(timing or {})
 
     def add_study(self, study) -> None:
         import optuna
@@ -248,6 +248,11 @@ class RunCost:
         for t in study.trials:
             if t.state == optuna.trial.TrialState.COMPLETE:
                 self.add(run_key(split, t.params), t.user_attrs.get("timing"), t.user_attrs.get("reused", True))
+
+    def add_selected(self, result: dict) -> None:
+        """The run of a study's best configuration on the report split (`run_selected`'s result)."""
+        sel = result["selection"]
+        self.add(run_key(result["split"], sel["params"]), result["timing"], sel["reused"])
 
     def breakdown(self) -> dict:
         runs = list(self._runs.values())
@@ -289,7 +294,7 @@ def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, rep
         for method in methods:
             t0 = time.perf_counter()
             if method == "memit" and name not in SUBJECT_FIELDS:
-                row["methods"][method] = {"skipped": f"memit needs a subject to locate; task {name} has none"}
+                row["methods"][method] = {"skipped": memit_not_applicable(name)}
                 continue
             say(f"{name} · {method}")
             cost = groups[f"{name}/{method}"] = RunCost()
@@ -309,8 +314,8 @@ def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, rep
                                    fixed=mine, space=space, announce=announce)
                     cost.add_study(study)
                     res = run_selected(runner, study, rep, method, eps, fixed=mine)
+                    cost.add_selected(res)
                     sel = res["selection"]
-                    cost.add(run_key(rep.split, sel["params"]), res["timing"], sel["reused"])
                     cells[league_key(eps)] = _cell(res["leagues"][league_key(eps)], {
                         "params": sel["params"], "select_score": sel["best_value"], "study": sel["study"],
                         "diverged": res["diverged"], "epochs_run": len(res["trace"])})
