@@ -24,13 +24,17 @@ GRIDS = {
     "rome": [(f"rome L{l}", "rome", 1, {"layers": str(l)}) for l in (1, 2, 4, 6)]
     + [("rome L4 clamp 2", "rome", 1, {"layers": "4", "value.clamp_norm_factor": "2"}),
        ("rome L4 kl 0.5", "rome", 1, {"layers": "4", "value.kl_factor": "0.5"})],
-    "memit": [(f"memit λ={lam}", "memit", None, {"layers": "2,3,4,5,6", "mom2_weight": str(lam)})
-              for lam in (500, 2000, 8000, 15000)]
-    + [(f"emmet λ={lam}", "emmet", None, {"layers": "2,3,4,5,6", "mom2_weight": str(lam), "mu": "0.1"})
-       for lam in (100, 1000, 5000, 15000)],
+    # after the residual-stream fix (issue 16): windows ending at layer 6 share v* (same L, same site)
+    "memit": [(f"memit {name} λ={lam}", "memit", None, {"layers": layers, "mom2_weight": str(lam)})
+              for name, layers in (("L6", "6"), ("L4-6", "4,5,6"), ("L2-6", "2,3,4,5,6"))
+              for lam in (100, 500, 2000)]
+    + [("memit L2-6 λ=15000 (published)", "memit", None, {"layers": "2,3,4,5,6", "mom2_weight": "15000"})]
+    + [(f"emmet L2-6 λ={lam} μ={mu}", "emmet", None, {"layers": "2,3,4,5,6", "mom2_weight": str(lam), "mu": str(mu)})
+       for lam, mu in ((5000, 0.001), (15000, 0.001), (5000, 0.1))],
     # fine-tuning editors, all edits trained together (mass); augmentation m paraphrases + r random facts per edit
     # (facts: counterfact-train's true facts, never one about a subject being edited)
-    "ft": [(f"ft-conditional lr={lr}", "ft-conditional", None, {"lr": lr}) for lr in ("1e-4", "5e-4", "2e-3")]
+    "ft": [(f"ft-conditional lr={lr}", "ft-conditional", None, {"lr": lr, "augment": "false"})
+           for lr in ("1e-4", "5e-4", "2e-3")]
     + [(f"ft-conditional lr={lr} m=2 r=2", "ft-conditional", None,
         {"lr": lr, "n_paraphrases": "2", "n_random_facts": "2", "facts_file": str(TRAIN)}) for lr in ("5e-4", "2e-3")]
     + [("lora lr=2e-3", "lora", None, {"lr": "2e-3"})],

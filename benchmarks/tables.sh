@@ -39,7 +39,7 @@ cf100() {  # EMMET with the defaults is MEMIT (λ = μλ′, see README); μ = 0
 }
 ft100() {  # fine-tuning editors, 100 edits trained together (mass); random facts from counterfact-train's true facts
   run cf100-ft 100 counterfact --data $CF --limit 100 --method ft
-  run cf100-ftc 100 counterfact --data $CF --limit 100 --method ft-conditional
+  run cf100-ftc 100 counterfact --data $CF --limit 100 --method ft-conditional --set augment=false  # plain conditional FT
   run cf100-ftc-aug 100 counterfact --data $CF --limit 100 --method ft-conditional \
     --set n_paraphrases=2 --set n_random_facts=2 --set facts_file=$DATA/counterfact/counterfact-train.json
   run cf100-lora 100 counterfact --data $CF --limit 100 --method lora
@@ -47,7 +47,7 @@ ft100() {  # fine-tuning editors, 100 edits trained together (mass); random fact
 ft100single() {  # each edit trained alone on the original model (random facts from counterfact-train's true facts)
   run cf100-ftc-aug-single 1 counterfact --data $CF --limit 100 --method ft-conditional \
     --set n_paraphrases=2 --set n_random_facts=2 --set facts_file=$DATA/counterfact/counterfact-train.json
-  run cf100-ftc-single 1 counterfact --data $CF --limit 100 --method ft-conditional
+  run cf100-ftc-single 1 counterfact --data $CF --limit 100 --method ft-conditional --set augment=false  # plain conditional FT
   run cf100-ft-single 1 counterfact --data $CF --limit 100 --method ft
   run cf100-lora-single 1 counterfact --data $CF --limit 100 --method lora
 }
@@ -72,7 +72,7 @@ ftzsre100() {  # fine-tuning editors on zsRE, 100 edits trained together; random
   # facts, as on CounterFact (zsRE-500 has no training split, and 10 of its records carry no true answer)
   run zsre100-ftc-aug 100 zsre --data $ZSRE --limit 100 --method ft-conditional \
     --set n_paraphrases=2 --set n_random_facts=2 --set facts_file=$DATA/counterfact/counterfact-train.json
-  run zsre100-ftc 100 zsre --data $ZSRE --limit 100 --method ft-conditional
+  run zsre100-ftc 100 zsre --data $ZSRE --limit 100 --method ft-conditional --set augment=false  # plain conditional FT
   run zsre100-ft 100 zsre --data $ZSRE --limit 100 --method ft
   run zsre100-lora 100 zsre --data $ZSRE --limit 100 --method lora
 }
@@ -94,7 +94,7 @@ zsre500() {  # all 500 zsRE records: MEMIT computes the v* that ROME and EMMET t
   run zsre500-emmet-mu0.001 100,500 zsre --data $ZSRE --method emmet --set mu=0.001
 }
 ftzsre500() {  # fine-tuning editors on all 500 zsRE records, trained together (augmentation: ~80 min more on a CPU)
-  run zsre500-ftc 500 zsre --data $ZSRE --method ft-conditional
+  run zsre500-ftc 500 zsre --data $ZSRE --method ft-conditional --set augment=false  # plain conditional FT
   run zsre500-ft 500 zsre --data $ZSRE --method ft
   run zsre500-lora 500 zsre --data $ZSRE --method lora
   run zsre500-ftc-aug 500 zsre --data $ZSRE --method ft-conditional \
@@ -124,7 +124,7 @@ zsrelambda() {  # MEMIT's λ on zsRE (the default 500 was chosen on CounterFact)
 }
 
 ft1000base() {  # the FT baselines at 1000 edits trained together, beside cf1000-ftc-aug and cf1000-memit.b1000
-  run cf1000-ftc 1000 counterfact --data $CF --limit 1000 --method ft-conditional
+  run cf1000-ftc 1000 counterfact --data $CF --limit 1000 --method ft-conditional --set augment=false  # plain conditional FT
   run cf1000-ft 1000 counterfact --data $CF --limit 1000 --method ft
   run cf1000-lora 1000 counterfact --data $CF --limit 1000 --method lora
 }

@@ -85,27 +85,41 @@ ZSRE = [
     ("FT-conditional + augmentation (m = r = 2), mass 100", "zsre100-ftc-aug"),
     ("LoRA, mass 100", "zsre100-lora"),
 ]
-CF_METRICS = ("efficacy", "generalization", "specificity", "edit_score")
-ZSRE_METRICS = ("efficacy", "generalization", "locality")
+# Columns, each shown when some file of the table has it: the papers' convention first (ROME/MEMIT's mean
+# per-token comparison; MEMIT's zsRE specificity), then lmedit's earlier one (summed; locality), then the
+# generation-based checks. Files written before the split carry only the earlier convention (`upgrade_legacy`).
+CF_METRICS = ("efficacy", "generalization", "specificity", "edit_score", "efficacy_summed", "generalization_summed",
+              "specificity_summed", "edit_score_summed", "efficacy_generated", "generalization_generated")
+ZSRE_METRICS = ("efficacy", "generalization", "specificity", "edit_score", "locality", "efficacy_generated",
+                "generalization_generated")
 
 
 def _load(stem: str) -> dict | None:
+    from lmedit.evaluate.protocols import upgrade_legacy
+
     path = TABLES / f"{stem}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return upgrade_legacy(json.loads(path.read_text())) if path.is_file() else None
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
 
 
 def table(rows, metrics) -> list[str]:
     found = [(label, r) for label, stem in rows if (r := _load(stem)) is not None]
     if not found:
         return []
+    metrics = [m for m in metrics if any(isinstance(r[part].get(m), (int, float))
+                                         for _, r in found for part in ("metrics", "baseline"))]
     head = ["| | " + " | ".join(metrics) + " | s/edit |", "|---" * (len(metrics) + 2) + "|"]
-    base = found[0][1]["baseline"]
-    lines = head + ["| unedited | " + " | ".join(f"{base[m]:.3f}" for m in metrics) + " | |"]
+    base = {m: next((r["baseline"][m] for _, r in found if isinstance(r["baseline"].get(m), (int, float))), None)
+            for m in metrics}
+    lines = head + ["| unedited | " + " | ".join(_fmt(base[m]) for m in metrics) + " | |"]
     for label, r in found:
         t = r["timing"]
         reused, n = t.get("values_reused") or 0, r["n"]
         mark = " †" if reused >= n else (f" ({reused} of {n} v* reused)" if reused else "")
-        lines.append(f"| {label} | " + " | ".join(f"{r['metrics'][m]:.3f}" for m in metrics) +
+        lines.append(f"| {label} | " + " | ".join(_fmt(r["metrics"].get(m)) for m in metrics) +
                      f" | {t['seconds_per_edit']:.2f}{mark} |")
     return lines
 

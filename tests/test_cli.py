@@ -284,3 +284,49 @@ def test_edit_with_fine_tuning_checkpoints_beside_the_patch(tiny_model, tmp_path
     assert not (tmp_path / "p.train").exists()
     whole, resumed = load_file(tmp_path / "whole" / "patch.safetensors"), load_file(tmp_path / "p" / "patch.safetensors")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_eval_names_every_protocol_and_turns_generation_checks_off(tiny_model, tmp_path, monkeypatch, capsys):
+    """`eval zsre` writes MEMIT's specificity, EasyEdit's locality and the generation checks, each named;
+    `eval counterfact --no-generated` the mean per-token and summed comparisons without them."""
+    lm = tiny_model("llama")
+    model_dir = tmp_path / "tiny"
+    lm.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
+    fast = ["--method", "ft", "--set", "layers=1", "--set", "epochs=1", "--limit", "1", "--model", str(model_dir)]
+
+    def succeeds(*argv):
+        monkeypatch.setattr(sys, "argv", ["lmedit", *argv])
+        cli.main()  # returns: no SystemExit on success
+
+    succeeds("eval", "zsre", "--data", str(DATA / "zsre" / "zsre-500.json"), "--out", str(tmp_path / "z.json"), *fast)
+    z = json.loads((tmp_path / "z.json").read_text())
+    assert {"specificity", "locality", "edit_score", "edit_score_locality", "efficacy_generated"} <= set(z["metrics"])
+    assert z["baseline"]["locality"] == 1.0 and "MEMIT" in z["protocol"]["specificity"]
+    succeeds("eval", "counterfact", "--data", str(DATA / "counterfact" / "counterfact-edit.json"), "--no-generated",
+             "--out", str(tmp_path / "c.json"), *fast)
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert {"efficacy", "efficacy_summed", "edit_score_summed"} <= set(c["metrics"])
+    assert not any(k.endswith("_generated") for k in c["metrics"]) and set(c["protocol"]) <= set(c["metrics"])
+
+
+def test_unknown_headline_convention_lists_the_valid_ones(monkeypatch, capsys, tmp_path):
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"task": "counterfact", "method": "rome", "metrics": {}, "baseline": {}, "n": 1}))
+    code, err = run_cli(monkeypatch, capsys, "report", str(result), "--out", str(tmp_path / "rep"),
+                        "--headline", "per-token-ish")
+    assert_one_line_error(code, err, "per-token-ish", "reference", "whole-target")
+    assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("setting, phrases", [
+    ("value.site=stream", ("stream", "residual", "mlp_out")),
+    ("key_average=median", ("median", "by_kind", "uniform")),
+])
+def test_unknown_locate_choice_lists_the_valid_ones(monkeypatch, capsys, tmp_path, setting, phrases):
+    requests = write_jsonl(tmp_path / "r.jsonl", [GOOD])
+    code, err = run_cli(monkeypatch, capsys, "edit", "--model", "smollm2-135m", "--method", "memit",
+                        "--requests", requests, "--out", str(tmp_path / "p"), "--set", setting)
+    assert_one_line_error(code, err, *phrases)
+    assert not (tmp_path / "p").exists()

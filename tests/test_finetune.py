@@ -1,5 +1,6 @@
-"""Fine-tuning editors (ft, ft-conditional, lora) on tiny random models: the loss, the augmentation draws, the
-norm constraint, LoRA export, the model left as it came, and bad input.
+"""Fine-tuning editors (ft, ft-conditional, lora) on tiny random models: the loss, the augmentation draws and the
+built-in fact pool (ft-conditional's default), the norm constraint, LoRA export, the model left as it came, and
+bad input.
 
 As in test_locate.py the tiny models get their unembedding scaled up (x30) so a few steps can move the
 next-token distribution.
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 from lmedit.editors import get_editor, make_config
-from lmedit.editors import finetune
+from lmedit.editors import fact_pool, finetune
 from lmedit.editors.augment import Example, augment, build_examples, fact_pools
-from lmedit.editors.finetune import FinetuneConfig, collate, example_loss, prepare, read_positions, tokenize, train
+from lmedit.editors.finetune import (ConditionalConfig, FinetuneConfig, collate, example_loss, prepare, read_positions,
+                                     tokenize, train)
 from lmedit.editors.lora import LoraEditConfig, lora_adapters, lora_deltas
 from lmedit.errors import EditFailure, InputError
 from lmedit.models.arch import get_module
@@ -133,9 +135,9 @@ def test_augmentation_draws_exact_counts_deterministically():
 def test_paraphrase_prefixes_are_generated_from_the_seed(tiny, tmp_cache):
     model, tok = tiny.model, tiny.tokenizer
     cfg = prepare(FinetuneConfig(n_paraphrases=2, prefix_pool=3, prefix_length=4), model)
-    a = build_examples(model, tok, REQUESTS, cfg)
-    assert a == build_examples(model, tok, REQUESTS, cfg)
-    assert a != build_examples(model, tok, REQUESTS, dataclasses.replace(cfg, seed=1))
+    a, _ = build_examples(model, tok, REQUESTS, cfg)
+    assert a == build_examples(model, tok, REQUESTS, cfg)[0]
+    assert a != build_examples(model, tok, REQUESTS, dataclasses.replace(cfg, seed=1))[0]
     assert len(a) == 3 * len(REQUESTS) and sum(ex.kind == "paraphrase" for ex in a) == 2 * len(REQUESTS)
 
 
@@ -144,8 +146,10 @@ def test_facts_file_pool(tiny, tmp_path):
     path = tmp_path / "facts.jsonl"
     path.write_text('{"prompt": "Tokyo is in", "subject": "Tokyo", "target_new": "Peru", "target_true": "Japan"}\n')
     cfg = prepare(FinetuneConfig(n_random_facts=3, facts_file=str(path)), model)
-    facts = [ex for ex in build_examples(model, tok, REQUESTS[:1], cfg) if ex.kind == "fact"]
+    examples, about = build_examples(model, tok, REQUESTS[:1], cfg)
+    facts = [ex for ex in examples if ex.kind == "fact"]
     assert [(ex.prompt, ex.target) for ex in facts] == [("Tokyo is in", "Japan")] * 3
+    assert about["fact_pool"] == {"source": f"facts_file {path}", "facts": 1}
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -153,10 +157,15 @@ def test_facts_file_pool(tiny, tmp_path):
     ("[]", "no records"),
     ("{not json", "malformed"),
     ('[{"prompt": "Tokyo is in", "subject": "Tokyo", "target_new": "Peru"}]', "target_true"),
+    (None, "facts_file: file not found"),  # no such file
+    ("directory", "facts_file: file not found"),  # a directory, not a file
 ])
 def test_bad_facts_pool_is_an_input_error(tiny, tmp_path, content, expected):
     path = tmp_path / "facts.json"
-    path.write_text(content)
+    if content == "directory":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
     snap = _snapshot(tiny.model)
     config = FinetuneConfig(layers=(1,), n_random_facts=2, facts_file=str(path))
     with pytest.raises(InputError, match=expected):
@@ -165,7 +174,7 @@ def test_bad_facts_pool_is_an_input_error(tiny, tmp_path, content, expected):
 
 
 def test_no_facts_to_draw_is_an_input_error(tiny):
-    config = FinetuneConfig(layers=(1,), n_random_facts=2)  # one request: no other facts in the batch
+    config = FinetuneConfig(layers=(1,), n_random_facts=2, facts_file="requests")  # one request: no other facts
     with pytest.raises(InputError, match="facts_file"):
         get_editor("ft-conditional").fn(tiny.model, tiny.tokenizer, REQUESTS[:1], config, progress=False)
     with pytest.raises(InputError, match="mass editing"):  # the others' true facts are being edited too
@@ -185,10 +194,85 @@ def test_facts_never_contradict_an_edit_of_the_same_run():
     assert fact_pools(reqs, None, "mass") == [[]] * 4
 
 
+# ------------------------------------------------------------------------------------------------ the default
+
+def test_ft_conditional_augments_by_default_from_the_builtin_pool(tiny, tmp_cache):
+    """The paper's method without any setting: per edit the edit, 2 random paraphrases and 2 random facts drawn
+    from the built-in pool; `ft` stays the naive baseline without augmentation."""
+    model, tok = tiny.model, tiny.tokenizer
+    cfg = make_config("ft-conditional", "tiny", model, {"layers": "1", "epochs": "1"})
+    assert (cfg.n_paraphrases, cfg.n_random_facts, cfg.facts_file, cfg.augment) == (2, 2, None, True)
+    examples, about = build_examples(model, tok, REQUESTS, prepare(cfg, model))
+    assert len(examples) == 5 * len(REQUESTS)
+    for i in range(len(REQUESTS)):
+        assert [ex.kind for ex in examples if ex.edit == i] == ["edit", "paraphrase", "paraphrase", "fact", "fact"]
+    pool, _ = fact_pool.builtin_pool(model, tok)
+    assert len(pool) == fact_pool.POOL_SIZE
+    known = {(f.prompt, f.target) for f in pool}
+    assert all((ex.prompt, ex.target) in known for ex in examples if ex.kind == "fact")
+    assert about["fact_pool"]["source"].startswith("built-in") and about["fact_pool"]["facts"] == fact_pool.POOL_SIZE
+    patch = get_editor("ft-conditional").fn(model, tok, REQUESTS, cfg, progress=False)
+    assert patch.meta["augmentation"]["examples"] == 15 and patch.meta["training"][0]["examples"] == 15
+    assert patch.meta["augmentation"]["fact_pool"]["cache"] == about["fact_pool"]["cache"]
+    ft = make_config("ft", "tiny", model, {"layers": "1"})
+    assert (ft.n_paraphrases, ft.n_random_facts) == (0, 0)
+
+
+@pytest.mark.parametrize("overrides", [{"augment": "false"}, {"n_paraphrases": "0", "n_random_facts": "0"}])
+def test_plain_conditional_fine_tuning_builds_no_augmentation(tiny, tmp_cache, overrides):
+    model, tok = tiny.model, tiny.tokenizer
+    cfg = prepare(make_config("ft-conditional", "tiny", model, {"layers": "1", **overrides}), model)
+    assert (cfg.n_paraphrases, cfg.n_random_facts) == (0, 0)
+    examples, about = build_examples(model, tok, REQUESTS, cfg)
+    assert examples == [Example(r.prompt, r.target_new, "edit", i) for i, r in enumerate(REQUESTS)]
+    assert about == {"examples": 3, "paraphrases_per_edit": 0, "facts_per_edit": 0, "fact_pool": None}
+    assert not tmp_cache.exists()  # neither prefixes nor a fact pool were made
+
+
+def test_facts_are_cut_from_a_lead_before_a_name():
+    lead = ("Albert Einstein (14 March 1879 – 18 April 1955) was a German-born theoretical physicist who worked "
+            "in Switzerland during World War One. He is best known for relativity.")
+    sentence = fact_pool.first_sentence(lead)
+    assert sentence == ("Albert Einstein was a German-born theoretical physicist who worked in Switzerland during "
+                        "World War One.")  # parentheses gone, cut at the end of the sentence
+    subject, spans = fact_pool.cuts(sentence)
+    assert subject == "Albert Einstein"
+    assert [sentence[a:b] for a, b in spans] == ["German", "Switzerland", "World"]  # "War" is inside a name
+    assert fact_pool.cuts("a lowercase start is no subject for Paris") == ("", [])
+
+
+def test_builtin_pool_is_deterministic_cached_and_keeps_edited_subjects_out(tiny, tmp_cache, monkeypatch):
+    model, tok = tiny.model, tiny.tokenizer
+    first = fact_pool.build_pool(model, tok, seed=0)
+    assert first == fact_pool.build_pool(model, tok, seed=0)
+    assert first != fact_pool.build_pool(model, tok, seed=1)  # another seed reads other leads
+    assert len(first) == fact_pool.POOL_SIZE == len({f.prompt for f in first})
+    assert all(f.prompt.startswith(f.subject) and f.target[0].isupper() for f in first)
+    ranked = [(not f.greedy, -f.logprob) for f in first]
+    assert ranked == sorted(ranked)
+    built, about = fact_pool.builtin_pool(model, tok)
+    assert built == first and about["build_seconds"] > 0
+    monkeypatch.setattr(fact_pool, "build_pool", lambda *a, **k: pytest.fail("the cached pool was rebuilt"))
+    assert fact_pool.builtin_pool(model, tok)[0] == first
+    # an edit of a pool fact's subject (or of a longer name holding it) never draws a fact about it
+    about_a, about_b = first[0], first[1]
+    reqs = [EditRequest(about_a.prompt, about_a.subject, "Nowhere", about_a.target),
+            EditRequest(f"{about_b.subject} Junior plays", f"{about_b.subject} Junior", "chess", "golf")]
+    usable = fact_pool.about_nothing_edited(first, [r.subject for r in reqs])
+    assert len(usable) <= len(first) - 2
+    assert (about_a.prompt, about_a.target) not in usable and (about_b.prompt, about_b.target) not in usable
+    cfg = prepare(ConditionalConfig(layers=(1,), n_paraphrases=0, n_random_facts=50), model)
+    examples, _ = build_examples(model, tok, reqs, cfg)
+    facts = [ex for ex in examples if ex.kind == "fact"]
+    assert len(facts) == 100
+    assert not any(fact_pool.mentions(ex.prompt, s) for ex in facts for s in (about_a.subject, about_b.subject))
+    assert fact_pool.mentions("Tours is in France", "tours") and not fact_pool.mentions("Bratislava is", "Ra")
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 @pytest.mark.parametrize("method", ["ft", "ft-conditional", "lora"])
-def test_training_raises_the_target_and_leaves_the_model_unchanged(tiny, method):
+def test_training_raises_the_target_and_leaves_the_model_unchanged(tiny, tmp_cache, method):  # ftc: augmented
     model, tok = tiny.model, tiny.tokenizer
     editor = get_editor(method)
     config = editor.config_cls(**FAST)
@@ -237,7 +321,8 @@ def test_degradation_budget_keeps_the_last_epoch_within_it(tiny, tmp_path, metho
     corpus = tmp_path / "general.txt"
     corpus.write_text("\n\n".join(texts))
     editor = get_editor(method)
-    base = dict(FAST, lr=5e-2, epochs=6, stop_prob=None, patience=0, budget_corpus=str(corpus), budget_docs=3)
+    base = dict(FAST, lr=5e-2, epochs=6, stop_prob=None, patience=0, budget_corpus=str(corpus), budget_docs=3,
+                augment=False)  # the edits alone: every fact the training moves is in the general text
     free = editor.fn(model, tok, REQUESTS, editor.config_cls(**base, budget=1e6), progress=False)
     losses = free.meta["training"][0]["budget_loss"]
     assert free.meta["training"][0]["stopped"] == "epochs" and len(losses) == 7
@@ -258,13 +343,13 @@ def test_degradation_budget_keeps_the_last_epoch_within_it(tiny, tmp_path, metho
 def test_budget_measures_the_loss_before_training_once_per_model_state(tiny, tmp_path, monkeypatch):
     """Single editing restores W₀ before every edit: the general-text loss before training is measured once,
     and measured again as soon as any weight differs."""
-    from lmedit.editors import finetune
+    from lmedit.editors import budget, finetune
 
     model, tok = tiny.model, tiny.tokenizer
     corpus = tmp_path / "general.txt"
     corpus.write_text("\n\n".join(r.prompt for r in REQUESTS))
     config = FinetuneConfig(**dict(FAST, budget=0.5, budget_corpus=str(corpus), budget_docs=2))
-    finetune._LOSS_BEFORE.clear()
+    budget._LOSS_BEFORE.clear()
     calls = []
     measure = finetune.Budget.measure
     monkeypatch.setattr(finetune.Budget, "measure", lambda self: calls.append(1) or measure(self))
@@ -318,7 +403,7 @@ def test_kl_and_augmentation_run_and_the_patch_saves(tiny, tmp_cache, tmp_path):
 def test_lora_patch_matches_the_adapted_model_and_reverts_exactly(tiny):
     model, tok = tiny.model, tiny.tokenizer
     config = prepare(LoraEditConfig(**dict(FAST, epochs=5)), model)
-    examples = build_examples(model, tok, REQUESTS, config)
+    examples, _ = build_examples(model, tok, REQUESTS, config)
     ids = tok(["The Eiffel Tower is in the heart of"], return_tensors="pt")["input_ids"]
     snap = _snapshot(model)
     targets = [f"{tiny.arch.layers}.{l}.{tiny.arch.mlp_out}" for l in config.layers]
@@ -353,7 +438,7 @@ def test_unknown_module_names_the_valid_ones(tiny):
         assert "mlp_out" in str(err.value) and tiny.arch.mlp_out in str(err.value)
 
 
-def test_diverging_learning_rate_fails_and_keeps_the_model(tiny):
+def test_diverging_learning_rate_fails_and_keeps_the_model(tiny, tmp_cache):
     snap = _snapshot(tiny.model)
     for method in ("ft-conditional", "lora"):
         config = get_editor(method).config_cls(**dict(FAST, lr=1e6))
@@ -378,9 +463,10 @@ def test_bad_settings_are_input_errors(tiny):
     model = tiny.model
     for bad in (dict(lr=0.0), dict(lr=float("inf")), dict(epochs=0), dict(mode="both"), dict(layers=(2, 1)),
                 dict(norm_constraint=-1.0), dict(stop_prob=1.5), dict(layers=(99,)), dict(budget=-0.1),
-                dict(budget=float("nan")), dict(budget_docs=0), dict(budget_tokens=1)):
+                dict(budget=float("nan")), dict(budget_docs=0), dict(budget_tokens=1), dict(n_paraphrases=-1),
+                dict(n_random_facts=-2)):
         with pytest.raises(InputError):
-            prepare(FinetuneConfig(**bad), model)
+            prepare(ConditionalConfig(**bad), model)
     with pytest.raises(InputError, match="rank"):
         get_editor("lora").fn(model, tiny.tokenizer, REQUESTS, LoraEditConfig(layers=(1,), rank=0), progress=False)
 
@@ -390,16 +476,19 @@ class _Killed(Exception):
 
 
 @pytest.mark.parametrize("method", ["ft-conditional", "lora"])
-def test_interrupted_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path, monkeypatch, method):
+def test_interrupted_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path, tmp_cache, monkeypatch, method):
     """Killed in epoch 4 of 6, the same edit again in the same checkpoint directory resumes after epoch 3 and ends
-    with exactly the deltas of an uninterrupted run (Adam moments and the shuffling generator come back too)."""
+    with exactly the deltas of an uninterrupted run (Adam moments and the shuffling generator come back too).
+    ft-conditional trains its default augmented set: the same draws again, so the state is picked up."""
     from lmedit.checkpoints import load_state
 
     model, tok = tiny.model, tiny.tokenizer
     editor = get_editor(method)
     config = editor.config_cls(**dict(FAST, epochs=6, stop_prob=None, patience=0))
     whole = editor.fn(model, tok, REQUESTS, config, progress=False)
-    per_epoch = -(-len(REQUESTS) // config.batch_size)
+    examples = whole.meta["augmentation"]["examples"]
+    assert examples == (5 if method == "ft-conditional" else 1) * len(REQUESTS)
+    per_epoch = -(-examples // config.batch_size)
 
     calls = {"n": 0}
 
@@ -431,3 +520,29 @@ def test_interrupted_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path, 
     with finetune.checkpoint_training(tmp_path / "ckpt"):
         editor.fn(model, tok, REQUESTS, other, progress=False)
     assert calls["n"] == 6 * per_epoch
+
+
+@pytest.mark.parametrize("setting, phrase", [("n_random_facts=-1", "n_random_facts must not be negative"),
+                                             ("n_paraphrases=-2", "n_paraphrases must not be negative"),
+                                             ("facts_file=/no/such/facts.json", "facts_file: file not found")])
+def test_bad_augmentation_settings_exit_2_with_one_line(tiny_model, tmp_path, monkeypatch, capsys, setting, phrase):
+    import json
+    import sys
+
+    from lmedit import cli
+
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps(REQUESTS[0].to_dict()) + "\n")
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["lmedit", "edit", "--model", str(tmp_path / "tiny"), "--method", "ft-conditional",
+                                      "--requests", str(requests), "--out", str(tmp_path / "p"), "--set", "layers=1",
+                                      "--set", setting])
+    capsys.readouterr()  # what saving the model printed
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(err) == 1 and phrase in err[0], err
+    assert not (tmp_path / "p").exists()

@@ -44,6 +44,22 @@ def test_sequential_differs_from_batch_and_model_is_untouched(tiny_model):
         assert key in batch
     assert batch["n"] == 3 and batch["sequential"] is False and seq["sequential"] is True
     assert set(batch["metrics"]) >= {"efficacy", "generalization", "specificity", "edit_score"}
+    # every metric names its convention; the summed and generation-based ones sit beside the headline
+    assert set(batch["protocol"]) == {k for k in batch["metrics"] if k not in ("n", "skipped")}
+    assert {"edit_score_summed", "efficacy_generated", "generalization_generated"} <= set(batch["baseline"])
+
+
+def test_generated_efficacy_of_the_unedited_model(tiny_model):
+    """The runner scores the unedited model with the same scorer: its generated efficacy is the share of prompts
+    whose greedy continuation begins with target_new, computed here on its own."""
+    from lmedit.evaluate.generated import generated_matches
+
+    lm = _editable(tiny_model("llama"))
+    result = run_edit_eval(lm, "memit", REQUESTS, batch_size=3, overrides=FAST, progress=False,
+                           announce=lambda *_: None)
+    hits = generated_matches(lm.model, lm.tokenizer, [(r.prompt, r.target_new) for r in REQUESTS])
+    assert result["baseline"]["efficacy_generated"] == sum(hits) / len(hits)
+    assert [r["baseline"]["efficacy_generated"] for r in result["records"]] == [float(h) for h in hits]
 
 
 def test_one_batch_equals_editing_all_at_once(tiny_model):
@@ -335,3 +351,20 @@ def test_an_eval_killed_during_fine_tuning_resumes_mid_training(tiny_model, tmp_
 
     discard_journal(journal)
     assert not train_dir.exists() and not (tmp_path / "run.journal.jsonl.patches").exists()
+
+
+def test_report_headline_puts_its_convention_first(tmp_path):
+    import json
+
+    from lmedit.evaluate.report import build_report
+
+    metrics = {"efficacy": 0.9, "generalization": 0.8, "specificity": 0.7, "edit_score": 0.79,
+               "efficacy_summed": 0.6, "generalization_summed": 0.5, "specificity_summed": 0.4,
+               "edit_score_summed": 0.49}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"task": "counterfact", "method": "memit", "metrics": metrics, "baseline": metrics,
+                                "n": 3, "batch_size": 3, "config": {}, "model": "tiny", "sequential": False}))
+    for headline, first in (("reference", "efficacy"), ("whole-target", "efficacy_summed")):
+        md = build_report([path], tmp_path / headline, headline).read_text()
+        header = next(l for l in md.splitlines() if l.startswith("| method |"))
+        assert header.split("|")[2].strip() == first, header

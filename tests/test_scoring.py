@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lmedit.errors import InputError
 from lmedit.evaluate import counterfact
 from lmedit.evaluate.counterfact import aggregate, harmonic_mean, score_counterfact
-from lmedit.evaluate.scoring import continuation_logprobs, sum_logprob, top1_match, top1_tokens
+from lmedit.evaluate.scoring import PairScore, continuation_logprobs, sum_logprob, top1_match, top1_tokens
 from lmedit.locate.batching import body
 from lmedit.locate.prompts import encode, encode_continuation
 from lmedit.requests import EditRequest, join_prompt_target
@@ -149,7 +149,8 @@ def test_aggregate_hand_made_records():
     assert out["generalization_magnitude"] == pytest.approx(-0.1)
     assert out["specificity_magnitude"] == pytest.approx(0.1)
     assert out["n"] == 2 and out["skipped"] == 1
-    assert out["protocol"] == "success rate by probability comparison (summed target log-prob, teacher-forced)"
+    assert "mean per-token target log-prob" in out["protocol"]["efficacy"]  # ROME/MEMIT's convention
+    assert out["efficacy_summed"] is None and out["edit_score_summed"] is None  # these records have no summed rates
     zero = aggregate([{**records[0], "generalization": 0.0}])
     assert zero["edit_score"] == 0.0
 
@@ -163,7 +164,8 @@ REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieu
 
 def test_success_follows_the_probability_comparison(monkeypatch):
     # Fake log-probs by (prompt, target): the edit wins on the prompt and one paraphrase, loses on the other;
-    # one neighbour keeps its answer, the other is taken over by the new target.
+    # one neighbour keeps its answer, the other is taken over by the new target. Every target is one token here,
+    # so the mean per-token (headline) and summed conventions agree (tests/test_protocols.py has them disagree).
     table = {
         (REQ.prompt, "English"): math.log(0.6), (REQ.prompt, "French"): math.log(0.1),
         (REQ.paraphrases[0], "English"): math.log(0.3), (REQ.paraphrases[0], "French"): math.log(0.2),
@@ -173,10 +175,14 @@ def test_success_follows_the_probability_comparison(monkeypatch):
         ("Jacques Chirac, speaker of", "English"): math.log(0.4),
         ("Jacques Chirac, speaker of", "German"): math.log(0.2),
     }
-    monkeypatch.setattr(counterfact, "sum_logprob", lambda m, t, pairs, **kw: [table[p] for p in pairs])
+    monkeypatch.setattr(counterfact, "score_pairs", lambda m, t, pairs, **kw: [
+        PairScore((0,), (table[p],), (0,)) for p in pairs])
     reversed_req = EditRequest(REQ.prompt, REQ.subject, "French", "English", case_id=8)
     no_true = EditRequest(REQ.prompt, REQ.subject, "English", None, case_id=9)
-    rec, rev, skipped = score_counterfact(None, None, [REQ, reversed_req, no_true])
+    rec, rev, skipped = score_counterfact(None, None, [REQ, reversed_req, no_true], generated=False)
+    for suffix in ("", "_summed"):
+        for key in ("efficacy", "generalization", "specificity"):
+            assert rec[f"{key}{suffix}"] == rec[key] and rec[f"{key}_magnitude{suffix}"] == rec[f"{key}_magnitude"]
     assert rec["case_id"] == 7 and not rec["skipped"]
     assert rec["efficacy"] == 1.0 and rec["efficacy_magnitude"] == pytest.approx(0.5)
     assert rec["generalization"] == 0.5
@@ -205,7 +211,12 @@ def test_score_counterfact_on_a_model(model, tokenizer):
                       batch_size=1)
     assert rec["prompt"]["logp_new"] == pytest.approx(ref[0], abs=1e-5)
     assert rec["prompt"]["logp_true"] == pytest.approx(ref[1], abs=1e-5)
-    assert rec["efficacy"] == float(ref[0] > ref[1])
+    assert rec["efficacy_summed"] == float(ref[0] > ref[1])
+    per_token = continuation_logprobs(model, tokenizer, [(REQ.prompt, "English"), (REQ.prompt, "French")],
+                                      batch_size=1)
+    means = [sum(lp) / len(lp) for lp in per_token]
+    assert rec["prompt"]["mean_logp_new"] == pytest.approx(means[0], abs=1e-5)
+    assert rec["efficacy"] == float(means[0] > means[1])
     assert rec["neighborhood"][1]["logp_new"] == pytest.approx(ref[2], abs=1e-5)
     assert rec["neighborhood"][1]["logp_true"] == pytest.approx(ref[3], abs=1e-5)
     assert len(rec["paraphrases"]) == 2 and len(rec["neighborhood"]) == 2

@@ -36,8 +36,11 @@ def test_zsre_metrics_match_a_direct_computation(tiny_model, tokenizer):
 
 
 def test_zsre_aggregate_known_answer():
-    records = [{"efficacy": 1.0, "generalization": 0.5, "locality": 1.0},
-               {"efficacy": 0.5, "generalization": 0.5, "locality": 0.5}]
+    records = [{"efficacy": 1.0, "generalization": 0.5, "specificity": 0.5, "locality": 1.0},
+               {"efficacy": 0.5, "generalization": 0.5, "specificity": 0.0, "locality": 0.5}]
     agg = aggregate(records)
     assert agg["efficacy"] == 0.75 and agg["generalization"] == 0.5 and agg["locality"] == 0.75
-    assert abs(agg["edit_score"] - 3 / (1 / 0.75 + 1 / 0.5 + 1 / 0.75)) < 1e-12
+    assert agg["specificity"] == 0.25
+    # MEMIT's zsRE score takes specificity; the locality one is lmedit's earlier edit score
+    assert abs(agg["edit_score"] - 3 / (1 / 0.75 + 1 / 0.5 + 1 / 0.25)) < 1e-12
+    assert abs(agg["edit_score_locality"] - 3 / (1 / 0.75 + 1 / 0.5 + 1 / 0.75)) < 1e-12

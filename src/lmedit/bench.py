@@ -95,25 +95,22 @@ def bench_stats(lm, n_tokens):
     from lmedit.models.arch import mlp_out_module
     from lmedit.models.hooks import capture_io, run_until_stop
     from lmedit.stats.corpora import wiki_corpus
-    from lmedit.stats.moments import _batches, compute_second_moments
+    from lmedit.stats.moments import as_sample, batch_token_ids, compute_second_moments, plan_batches
 
     layers = list(make_config("memit", lm.name, lm.model).layers)
     corpus = wiki_corpus()
+    sample = as_sample(n_tokens, lm.model)  # n tokens, drawn and batched as the statistics pass does
     _, t_stats = timed(lambda: compute_second_moments(lm.model, lm.tokenizer, layers, corpus, n_tokens, progress=False))
     # the plain forward: same batches, same stop point, no accumulation
     stop = {str(layers[-1]): mlp_out_module(lm.model, layers[-1])}
     pad = lm.tokenizer.pad_token_id
 
     def plain():
-        seen = 0
         with torch.no_grad():
-            for _, batch in _batches(lm.tokenizer, corpus, 0, 256, 16):
-                if seen >= n_tokens:
-                    break
-                ids, mask = right_pad(batch, pad)
+            for batch in plan_batches(lm.tokenizer, corpus, sample):
+                ids, mask = right_pad(batch_token_ids(lm.tokenizer, corpus, batch, sample.max_length), pad)
                 with capture_io(stop, inputs=False, stop_after=str(layers[-1])):
                     run_until_stop(lambda: lm.model(input_ids=ids, attention_mask=mask))
-                seen += int(mask.sum())
 
     _, t_plain = timed(plain)
     return {"stats_tokens": n_tokens, "stats_layers": layers, "stats_s": t_stats, "plain_forward_s": t_plain,
@@ -125,8 +122,8 @@ def bench_scoring(lm, records):
     from lmedit.evaluate.counterfact import aggregate, score_counterfact
 
     n = len(records)
-    batched, t_batched = timed(lambda: score_counterfact(lm.model, lm.tokenizer, records, batch_size=64))
-    single, t_single = timed(lambda: score_counterfact(lm.model, lm.tokenizer, records, batch_size=1))
+    batched, t_batched = timed(lambda: score_counterfact(lm.model, lm.tokenizer, records, batch_size=64, generated=False))
+    single, t_single = timed(lambda: score_counterfact(lm.model, lm.tokenizer, records, batch_size=1, generated=False))
     a, b = aggregate(batched), aggregate(single)
     keys = [k for k, v in a.items() if isinstance(v, float)]
     max_metric_diff = max(abs(a[k] - b[k]) for k in keys)
@@ -187,7 +184,7 @@ def run_bench(lm, requests, out: Path, parts=PARTS, *, facts_file: Path | None =
         raise InputError(f"the chosen parts need {need} records, the data has {len(requests)}")
     for method in ("rome", "memit", "emmet") if {"editors", "ft_vs_memit"} & set(parts) else ():
         cfg = make_config(method, lm.name, lm.model)  # statistics are not part of the edit timings
-        load_or_compute(lm.model, lm.tokenizer, list(cfg.layers), cfg.stats_corpus, cfg.stats_tokens)
+        load_or_compute(lm.model, lm.tokenizer, list(cfg.layers), cfg.stats_corpus, cfg)
     result = {"model": lm.name, "torch_threads": torch.get_num_threads()}
     if keep_previous and (out / "locate.json").is_file():  # re-measuring some parts: keep the others' numbers
         # (each ratio is measured within one part, in one run)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmedit.errors import InputError, LmeditError
+from lmedit.stats.sampling import Sample
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Edit facts in language models with small, reversible, measured weight changes.")
@@ -156,7 +157,8 @@ def _batch_sizes(text: Optional[str]) -> list[Optional[int]]:
 
 def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: Optional[int],
               batch_size: Optional[str], sequential: bool, sets: Optional[list[str]], force: bool,
-              resume: bool, fluency: bool = False, reuse_values: bool = True, shard: Optional[str] = None) -> None:
+              resume: bool, fluency: bool = False, reuse_values: bool = True, shard: Optional[str] = None,
+              generated: bool = True, fluency_seed: int = 0) -> None:
     from lmedit.editors import get_editor
     from lmedit.evaluate.run import discard_journal, run_edit_eval
     from lmedit.fileio import atomic_write_json, check_writable
@@ -197,17 +199,17 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
     store = ValueStore(lm.model, cache_dir() / "values") if reuse_values else None
     baseline: dict = {}
     for b, o, j in zip(sizes, outs, journals):
-        scoring = {}
-        if fluency:
+        if task == "zsre":
+            from lmedit.evaluate import zsre
+
+            scoring = dict(scorer=zsre.ZsreScorer(generated=generated), aggregator=zsre.aggregate)
+        else:
             import functools
 
             from lmedit.evaluate.counterfact import score_counterfact
 
-            scoring = dict(scorer=functools.partial(score_counterfact, fluency=True))
-        if task == "zsre":
-            from lmedit.evaluate import zsre
-
-            scoring = dict(scorer=zsre.ZsreScorer(), aggregator=zsre.aggregate)
+            scoring = dict(scorer=functools.partial(score_counterfact, fluency=fluency, generated=generated,
+                                                    fluency_seed=fluency_seed))
         result = run_edit_eval(lm, method, reqs, b, sequential, _parse_sets(sets), task=task,
                                announce=console.print, journal=j, resume=resume, value_store=store,
                                baseline=baseline, keep_baseline_records=part is not None, **scoring)
@@ -232,6 +234,9 @@ SeqOpt = typer.Option(False, help="each batch on top of the previous ones, all s
 ReuseOpt = typer.Option(True, "--reuse-values/--no-reuse-values",
                         help="reuse v* already computed for the same request, layer and settings on this model "
                         "(cached under the lmedit cache); the edits themselves are recomputed")
+GeneratedOpt = typer.Option(True, "--generated/--no-generated",
+                            help="also score whether the greedy continuation begins with the answer (*_generated; "
+                            "a few tokens per prompt)")
 ShardOpt = typer.Option(None, "--shard", help="k/N: evaluate only the k-th of N contiguous runs of whole batches "
                         "(one machine each); `lmedit eval merge` joins the N result files")
 
@@ -240,28 +245,33 @@ ShardOpt = typer.Option(None, "--shard", help="k/N: evaluate only the k-th of N 
 def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
                      limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
                      sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt,
-                     fluency: bool = typer.Option(False, "--fluency", help="also score the n-gram entropy of greedy "
-                                                  "continuations of each prompt"),
+                     fluency: bool = typer.Option(False, "--fluency", help="also score fluency: ROME's (n-gram "
+                                                  "entropy of top-5 samples, 100 tokens) and a greedy variant"),
+                     fluency_seed: int = typer.Option(0, "--fluency-seed", help="seed of the fluency samples"),
+                     generated: bool = GeneratedOpt,
                      reuse_values: bool = ReuseOpt, shard: Optional[str] = ShardOpt) -> None:
-    """Edit CounterFact records; score efficacy, generalisation, specificity, edit score (probability comparison).
+    """Edit CounterFact records; score efficacy, generalisation, specificity, edit score (probability comparison:
+    mean per-token log-probs as in ROME/MEMIT, and summed as *_summed) and generation-based checks.
 
     Example: lmedit eval counterfact --method rome --data counterfact-edit.json --limit 100 --batch-size 1 --out rome.json
     """
     _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force, resume, fluency,
-              reuse_values, shard)
+              reuse_values, shard, generated, fluency_seed)
 
 
 @eval_app.command("zsre")
 def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
               limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
               sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt,
+              generated: bool = GeneratedOpt,
               reuse_values: bool = ReuseOpt, shard: Optional[str] = ShardOpt) -> None:
-    """Edit zsRE records (MEND format); score token-level top-1 accuracy and locality.
+    """Edit zsRE records (MEND format); score token-level top-1 accuracy, specificity (MEMIT's), locality
+    (EasyEdit's) and generation-based checks.
 
     Example: lmedit eval zsre --method memit --data zsre-500.json --out memit-zsre.json
     """
     _run_eval("zsre", data, out, model, method, limit, batch_size, sequential, sets, force, resume,
-              reuse_values=reuse_values, shard=shard)
+              reuse_values=reuse_values, shard=shard, generated=generated)
 
 
 @eval_app.command("merge")
@@ -281,58 +291,75 @@ def eval_merge(shards: list[Path] = typer.Argument(..., help="the N shard result
     console.print(f"{result['n']} records from {len(shards)} shards → {out}")
 
 
+_SAMPLE = Sample()  # the statistics sample editors use unless told otherwise
 CorpusOpt = typer.Option("wiki", help="the statistics corpus: 'wiki' (offline default), a text/JSONL file, or hf:NAME")
-TokensOpt = typer.Option(100_000, help="number of tokens C averages over")
+UnitOpt = typer.Option(_SAMPLE.unit, "--unit", help="what --n counts: documents or tokens (settings stats_unit)")
+NOpt = typer.Option(str(_SAMPLE.n), "--n", help="how many documents/tokens, or 'all' (the whole corpus; stats_n)")
+MaxLenOpt = typer.Option(_SAMPLE.max_length, "--max-length",
+                         help="tokens kept per document, at most the model's context (stats_max_length)")
+SeedOpt = typer.Option(_SAMPLE.seed, "--seed", help="the shuffle the documents are drawn in (stats_seed)")
+TokensOpt = typer.Option(None, "--tokens", help="old spelling of --unit tokens --n N")
+
+
+def _sample(unit: str, n: str, max_length: int, seed: int, tokens: Optional[int]):
+    """The sample the options name, checked (one line listing the valid units on a bad --unit)."""
+    if tokens is not None:
+        unit, n = "tokens", str(tokens)
+    return Sample.parse(unit, n, max_length, seed)
 
 
 @stats_app.command("compute")
 def stats_compute(model: str = ModelOpt,
                   layers: str = typer.Option(..., help="comma-separated layers, e.g. 2,3,4"),
-                  corpus: str = CorpusOpt, tokens: int = TokensOpt) -> None:
+                  corpus: str = CorpusOpt, unit: str = UnitOpt, n: str = NOpt, max_length: int = MaxLenOpt,
+                  seed: int = SeedOpt, tokens: Optional[int] = TokensOpt) -> None:
     """Compute and cache C = E(k kᵀ) at the input of the MLP output projections (one pass for all layers).
+    Documents are drawn in a seeded random order and cut to --max-length tokens; --n counts documents or tokens.
     Under torchrun the ranks share the pass (each runs every world-th batch; the sums are all-reduced).
 
-    Example: lmedit stats compute --layers 2,3,4,5,6 --tokens 100000
-             torchrun --nproc-per-node 4 -m lmedit.cli stats compute --layers 2,3,4,5,6 --tokens 10000000
+    Example: lmedit stats compute --layers 2,3,4,5,6 --unit tokens --n 100000
+             lmedit stats compute --layers 6 --unit documents --n all
+             torchrun --nproc-per-node 4 -m lmedit.cli stats compute --layers 2,3,4,5,6 --n 10000000
     """
     from lmedit.stats.moments import join_process_group, load_or_compute, stats_path
 
-    if tokens <= 0:
-        raise InputError(f"--tokens must be positive, got {tokens}")
+    sample = _sample(unit, n, max_length, seed, tokens)
     device = join_process_group()
     lm = _load(model)
     if device is not None:
         lm.model.to(device)
     wanted = _parse_layers(layers)
-    load_or_compute(lm.model, lm.tokenizer, wanted, corpus, tokens, announce=console.print)
-    from lmedit.stats.corpora import corpus_id
-
-    cid = corpus_id(corpus)
+    moments = load_or_compute(lm.model, lm.tokenizer, wanted, corpus, sample, announce=console.print)
+    console.print(f"C over {moments.description}")
     for l in wanted:
-        console.print(f"layer {l}: {stats_path(lm.model, l, cid, tokens)}")
+        console.print(f"layer {l}: {stats_path(lm.model, l, moments.corpus_id, moments.sample)}")
 
 
 @stats_app.command("inspect")
 def stats_inspect(model: str = ModelOpt,
                   layer: int = typer.Option(..., help="layer"),
-                  corpus: str = CorpusOpt, tokens: int = TokensOpt) -> None:
+                  corpus: str = CorpusOpt, unit: str = UnitOpt, n: str = NOpt, max_length: int = MaxLenOpt,
+                  seed: int = SeedOpt, tokens: Optional[int] = TokensOpt) -> None:
     """Show a cached C: where it is, its size, trace and conditioning (never computes).
 
-    Example: lmedit stats inspect --layer 4
+    Example: lmedit stats inspect --layer 4 --unit documents --n all
     """
     import torch
     from safetensors import safe_open
 
     from lmedit.models.arch import check_layer
-    from lmedit.stats.corpora import corpus_id
-    from lmedit.stats.moments import stats_path
+    from lmedit.stats.corpora import get_corpus
+    from lmedit.stats.moments import as_sample, stats_path, whole_if_larger
 
+    wanted = _sample(unit, n, max_length, seed, tokens)
     lm = _load(model)
     check_layer(lm.model, layer)
-    cid = corpus_id(corpus)
-    path = stats_path(lm.model, layer, cid, tokens)
+    source = get_corpus(corpus)
+    wanted = whole_if_larger(as_sample(wanted, lm.model), source)
+    path = stats_path(lm.model, layer, source.id, wanted)
     if not path.is_file():
-        raise InputError(f"no statistics for layer {layer} ({cid}, n={tokens}); run `lmedit stats compute`")
+        raise InputError(f"no statistics for layer {layer} ({source.id}, {wanted.describe()}); "
+                         "run `lmedit stats compute`")
     with safe_open(str(path), "pt") as f:
         C, meta = f.get_tensor("C"), f.metadata()
     eig = torch.linalg.eigvalsh(C)
@@ -390,17 +417,23 @@ def export(patch: Path = typer.Option(..., "--patch", "-p", help="patch director
 @app.command()
 def report(results: list[Path] = typer.Argument(..., help="result JSON files from `lmedit eval`"),
            out: Path = typer.Option(Path("report"), "--out", "-o", help="output directory"),
+           headline: str = typer.Option("reference", "--headline",
+                                        help="which convention leads the tables and plots: reference (ROME/MEMIT "
+                                             "code: mean per-token CounterFact, MEMIT's zsRE specificity) or "
+                                             "whole-target (summed CounterFact, zsRE locality)"),
            force: bool = ForceOpt) -> None:
     """Turn result files into one markdown page with tables and PNG plots.
 
     Example: lmedit report rome.json memit.json emmet.json --out report
     """
-    from lmedit.evaluate.report import build_report
+    from lmedit.evaluate.report import build_report, check_headline
     from lmedit.fileio import check_writable
+
+    check_headline(headline)  # before anything is read or written
 
     if (out / "report.md").exists():
         check_writable(out / "report.md", force)
-    console.print(f"wrote {build_report(results, out)}")
+    console.print(f"wrote {build_report(results, out, headline)}")
 
 
 from lmedit.cli_canonical import register_canonical  # noqa: E402  (registers `eval canonical`)

@@ -1,6 +1,10 @@
 """The fine-tuning editors' training set (Gangadhar & Stratos 2024): per edit, the edit itself, m random paraphrases
 (a model-written random prefix + the prompt → target_new) and r random facts (another prompt → its true answer)
-that anchor locality. Every draw is deterministic in (seed, edit index)."""
+that anchor locality. Every draw is deterministic in (seed, edit index).
+
+Where the random facts come from (`facts_file`): by default the built-in pool (`editors.fact_pool`, read off
+Wikipedia leads by the model itself), a requests file with true answers, or "requests": the other requests' own
+true facts, which only single editing can use."""
 
 from __future__ import annotations
 
@@ -63,22 +67,46 @@ def augment(requests: list[EditRequest], prefixes: list[str], pools: list[list[t
                      for t in rng.sample(prefixes, n_paraphrases)]
         if n_random_facts:
             if not pool:
-                raise InputError(f"no random facts to draw for request {i}: without a facts file the pool is the other "
-                                 "requests' true facts, which mass editing is changing (and a batch of one has none); "
-                                 "name a pool with --set facts_file=PATH or set n_random_facts=0")
+                raise InputError(f"no random facts to draw for request {i}: the pool is the other requests' true "
+                                 "facts (facts_file=requests), which mass editing is changing (and a batch of one has "
+                                 "none); leave facts_file unset for the built-in pool, name a file, or set "
+                                 "n_random_facts=0")
             draw = rng.sample(pool, n_random_facts) if n_random_facts <= len(pool) else \
                 rng.choices(pool, k=n_random_facts)
             examples += [Example(p, t, "fact", i) for p, t in draw]
     return examples
 
 
-def build_examples(model, tokenizer, requests: list[EditRequest], config: "TrainConfig") -> list[Example]:
-    facts = load_fact_pool(config.facts_file) if config.facts_file else None
+OTHER_REQUESTS = "requests"  # facts_file value: the other requests' true facts (single editing)
+
+
+def random_facts(model, tokenizer, requests: list[EditRequest], config: "TrainConfig"
+                 ) -> tuple[list[tuple[str, str]] | None, dict]:
+    """The fact pool `facts_file` names (None: the other requests' true facts) and a description of it."""
+    if config.facts_file == OTHER_REQUESTS:
+        return None, {"source": "the other requests' true facts"}
+    if config.facts_file:
+        facts = load_fact_pool(config.facts_file)
+        return facts, {"source": f"facts_file {config.facts_file}", "facts": len(facts)}
+    from lmedit.editors.fact_pool import about_nothing_edited, builtin_pool
+
+    facts, about = builtin_pool(model, tokenizer)
+    usable = about_nothing_edited(facts, [r.subject for r in requests])
+    return usable, {**about, "left_out_as_about_an_edited_subject": len(facts) - len(usable)}
+
+
+def build_examples(model, tokenizer, requests: list[EditRequest], config: "TrainConfig"
+                   ) -> tuple[list[Example], dict]:
+    """The training set, and what went into it (for the patch metadata). No fact pool is read or built when
+    n_random_facts is 0."""
+    facts, about = random_facts(model, tokenizer, requests, config) if config.n_random_facts else (None, None)
     pools = fact_pools(requests, facts, config.mode)
     if facts is not None and config.n_random_facts and not any(pools):
-        raise InputError(f"facts_file {config.facts_file}: no usable facts (all are about a subject being edited)")
+        raise InputError(f"{about['source']}: no usable facts (all are about a subject being edited)")
     prefixes = []
     if config.n_paraphrases:
         n = max(config.prefix_pool, config.n_paraphrases)
         prefixes = context_templates(model, tokenizer, n, config.prefix_length, config.seed)[1:]
-    return augment(requests, prefixes, pools, config.n_paraphrases, config.n_random_facts, config.seed)
+    examples = augment(requests, prefixes, pools, config.n_paraphrases, config.n_random_facts, config.seed)
+    return examples, {"examples": len(examples), "paraphrases_per_edit": config.n_paraphrases,
+                      "facts_per_edit": config.n_random_facts, "fact_pool": about}

@@ -8,8 +8,9 @@ Conditional likelihood, over the examples e = (x_e, y_e) of a mini-batch B:
 
 `ft` averages −log p_θ over every token of x_e y_e instead. The training set holds, per edit, the edit
 (prompt → target_new), m random paraphrases (a model-written random prefix + the prompt → target_new) and r random
-facts (another prompt → its true answer, drawn from a pool) that anchor locality. Regularisers: the
-projection W ← clamp(W, W₀ − ε, W₀ + ε) after every step (‖W − W₀‖∞ ≤ ε) and β·KL(p₀ ‖ p_θ) on unrelated text.
+facts (another prompt → its true answer, from a pool: by default `fact_pool`'s) that anchor locality; ft-conditional
+draws m = r = 2 by default, ft none. Regularisers: the projection W ← clamp(W, W₀ − ε, W₀ + ε) after every step
+(‖W − W₀‖∞ ≤ ε) and β·KL(p₀ ‖ p_θ) on unrelated text.
 Training runs on the model in place; the trained tensors are restored bit-for-bit in a `finally` and the result is
 a Patch of ΔW = W − W₀, so the model leaves as it came.
 
@@ -39,6 +40,7 @@ from lmedit import __version__
 from lmedit.checkpoints import adam_tensors, load_state, restore_adam, save_state
 from lmedit.editors import optional_float, register_editor
 from lmedit.editors.augment import Example, build_examples
+from lmedit.editors.budget import Budget
 from lmedit.errors import EditFailure, InputError
 from lmedit.locate.batching import body, unembed
 from lmedit.locate.prompts import encode, with_target
@@ -72,9 +74,9 @@ class TrainConfig:
     prefix_pool: int = 20  # prefixes generated once per call; each edit draws its m from them
     prefix_length: int = 10  # tokens per generated prefix
     n_random_facts: int = 0  # r: unrelated prompt → true answer, per edit (locality)
-    facts_file: str | None = None  # the fact pool (any load_requests format, target_true used); None = the other
-    # requests' true facts, usable only in single mode (mass editing changes them); facts about a subject being
-    # edited in the same run are never drawn
+    facts_file: str | None = None  # the fact pool: None = built-in (editors.fact_pool); a requests file (target_true
+    # used); "requests" = the other requests' true facts (single mode only). Never a fact about an edited subject
+    augment: bool = True  # False: no paraphrases nor facts, whatever n_paraphrases / n_random_facts say
     kl_factor: float = 0.0  # β on KL(p₀ ‖ p_θ) over kl_text; 0 = off
     kl_text: tuple[str, ...] = KL_TEXT  # unrelated text the KL term keeps as it was
     stop_prob: float | None = 0.9  # stop once every edit's P(target_new | prompt) exceeds this; None or 1 = off
@@ -89,6 +91,14 @@ class TrainConfig:
 @dataclass
 class FinetuneConfig(TrainConfig):
     norm_constraint: float | None = None  # ε: after every step clamp W to W₀ ± ε elementwise; None = off
+
+
+@dataclass
+class ConditionalConfig(FinetuneConfig):
+    """ft-conditional is the paper's method by default: m = r = 2, the amounts README measured (augment=false: plain)."""
+
+    n_paraphrases: int = 2
+    n_random_facts: int = 2
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -107,6 +117,8 @@ def prepare(config: TrainConfig, model) -> TrainConfig:
         modules = tuple(m.strip() for m in modules.split(",") if m.strip())
     config = replace(config, layers=layers, modules=tuple(modules) if modules else None,
                      stop_prob=optional_float(config.stop_prob, "stop_prob"), budget=optional_float(config.budget, "budget"))
+    if not config.augment:
+        config = replace(config, n_paraphrases=0, n_random_facts=0)
     if config.budget is not None and not (math.isfinite(config.budget) and config.budget >= 0):
         raise InputError(f"budget (ε) must be a finite number >= 0 or none, got {config.budget}")
     if config.budget_tokens < 2:
@@ -231,49 +243,6 @@ def _kl(model, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
                                    use_cache=False).logits.float(), dim=-1)
     kl = (ref.exp() * (ref - logp)).sum(-1)  # (b, t)
     return (kl * batch.attention_mask).sum() / batch.attention_mask.sum()
-
-
-_LOSS_BEFORE: dict[tuple, float] = {}  # (hash of every weight, corpus, docs, tokens) → loss
-
-
-class Budget:
-    """The degradation budget (DESIGN §5, §8): per-token loss on general text may rise by at most a factor 1 + ε.
-    Measured before training and after every epoch; the weights of the last epoch within it are kept."""
-
-    def __init__(self, model, tokenizer, config: TrainConfig, params: dict[str, nn.Parameter]):
-        from lmedit.stats.corpora import get_corpus
-
-        self.model, self.tokenizer, self.config, self.params = model, tokenizer, config, params
-        self.texts = list(get_corpus(config.budget_corpus).documents[:config.budget_docs])
-        # Single editing starts every edit from the same W₀: its loss before training is measured once.
-        key = (fingerprint(model, [n for n, _ in model.named_parameters()]), config.budget_corpus,
-               config.budget_docs, config.budget_tokens)
-        if key not in _LOSS_BEFORE:
-            while len(_LOSS_BEFORE) >= 8:
-                _LOSS_BEFORE.pop(next(iter(_LOSS_BEFORE)))
-            _LOSS_BEFORE[key] = self.measure()
-        self.losses = [_LOSS_BEFORE[key]]
-        self.limit = (1 + config.budget) * self.losses[0]
-        self.kept = self.snapshot()
-
-    def measure(self) -> float:
-        from lmedit.evaluate.degradation import token_loss
-
-        return token_loss(self.model, self.tokenizer, self.texts, self.config.budget_tokens)
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.params.items()}
-
-    def within_after_epoch(self) -> bool:
-        """Measure; keep these weights if within budget, else put back the last kept ones."""
-        self.losses.append(self.measure())
-        if self.losses[-1] <= self.limit:
-            self.kept = self.snapshot()
-            return True
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(self.kept[n])
-        return False
 
 
 _CHECKPOINT_DIR: ContextVar[Path | None] = ContextVar("lmedit_training_checkpoint", default=None)
@@ -468,7 +437,7 @@ def run_editor(model, tokenizer, requests: list[EditRequest], config: TrainConfi
         r.validate(f"request {i}")
     config = prepare(config, model)
     t0 = time.perf_counter()
-    examples = build_examples(model, tokenizer, requests, config)
+    examples, augmentation = build_examples(model, tokenizer, requests, config)
     timing = {"augment_seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
     groups = [range(len(requests))] if config.mode == "mass" else [range(i, i + 1) for i in range(len(requests))]
@@ -488,9 +457,7 @@ def run_editor(model, tokenizer, requests: list[EditRequest], config: TrainConfi
         "lmedit_version": __version__,
         "model_type": model.config.model_type,
         "loss": "conditional (target tokens only)" if conditional else "full (prompt and target tokens)",
-        "augmentation": {"examples": len(examples), "paraphrases_per_edit": config.n_paraphrases,
-                         "facts_per_edit": config.n_random_facts,
-                         "fact_pool": config.facts_file or "the other requests' true facts"},
+        "augmentation": augmentation,
         "timing": timing,
         "training": curves,
     }
@@ -501,11 +468,11 @@ def edit_ft(model, tokenizer, requests, config: FinetuneConfig, progress: bool =
     return run_editor(model, tokenizer, requests, config, "ft", False, _train_weights, progress)
 
 
-def edit_ft_conditional(model, tokenizer, requests, config: FinetuneConfig, progress: bool = True,
+def edit_ft_conditional(model, tokenizer, requests, config: ConditionalConfig, progress: bool = True,
                         announce=print) -> Patch:
     return run_editor(model, tokenizer, requests, config, "ft-conditional", True, _train_weights, progress)
 
 
 register_editor("ft", FinetuneConfig, edit_ft, "fine-tuning on prompt + target tokens (naive baseline)")
-register_editor("ft-conditional", FinetuneConfig, edit_ft_conditional,
+register_editor("ft-conditional", ConditionalConfig, edit_ft_conditional,
                 "fine-tuning on the target tokens only, with paraphrase and random-fact augmentation")

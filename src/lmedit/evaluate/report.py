@@ -15,11 +15,33 @@ from pathlib import Path
 
 from lmedit.errors import InputError
 from lmedit.evaluate.canonical_report import kind_of, merge_canonical
+from lmedit.evaluate.protocols import upgrade_legacy
 from lmedit.fileio import atomic_write_bytes, atomic_write_json, read_json
 
-METRICS = {"counterfact": ("efficacy", "generalization", "specificity", "edit_score"),
-           "zsre": ("efficacy", "generalization", "locality", "edit_score")}
+_GENERATED = ("efficacy_generated", "generalization_generated", "specificity_generated")
+# Table columns in order: the papers' convention (headline), then lmedit's earlier one, then generation-based checks.
+# A column is shown when some result in the table has it.
+METRICS = {"counterfact": ("efficacy", "generalization", "specificity", "edit_score", "efficacy_summed",
+                           "generalization_summed", "specificity_summed", "edit_score_summed") + _GENERATED +
+                          ("fluency", "fluency_greedy"),
+           "zsre": ("efficacy", "generalization", "specificity", "edit_score", "locality", "edit_score_locality")
+                   + _GENERATED}
+# What the plots show: the first set every metric of which some result has (older files have only the second).
+PLOTTED = {"counterfact": (("efficacy", "generalization", "specificity", "edit_score"),
+                           ("efficacy_summed", "generalization_summed", "specificity_summed", "edit_score_summed")),
+           "zsre": (("efficacy", "generalization", "specificity", "edit_score"),
+                    ("efficacy", "generalization", "locality", "edit_score_locality"))}
 REQUIRED = ("task", "method", "metrics", "baseline", "n")
+# `lmedit report --headline`: which convention leads the tables and fills the plots. "reference" is the
+# ROME/MEMIT code's (mean per-token CounterFact comparison, MEMIT's zsRE specificity); "whole-target" is the
+# summed CounterFact comparison and zsRE locality against the unedited model (lmedit's first convention).
+HEADLINES = {"reference": 0, "whole-target": 1}
+
+
+def check_headline(headline: str) -> int:
+    if headline not in HEADLINES:
+        raise InputError(f"unknown headline convention {headline!r}; choose one of: {', '.join(HEADLINES)}")
+    return HEADLINES[headline]
 
 
 def load_result(path: Path, result=None) -> dict:
@@ -29,7 +51,44 @@ def load_result(path: Path, result=None) -> dict:
         raise InputError(f"{path} is not an lmedit evaluation result (expected keys {', '.join(REQUIRED)})")
     if result["task"] not in METRICS:
         raise InputError(f"{path}: task {result['task']!r} has no report yet (known: {', '.join(METRICS)})")
-    return result
+    return upgrade_legacy(result)
+
+
+def _has(rows: list[dict], metric: str) -> bool:
+    return any(isinstance(r[part].get(metric), (int, float)) for r in rows for part in ("metrics", "baseline"))
+
+
+def unedited(rows: list[dict], metric: str):
+    """The unedited model's value of `metric` on the table's data, from the first result that has it (a file
+    written before a metric existed has none)."""
+    return next((r["baseline"][metric] for r in rows if isinstance(r["baseline"].get(metric), (int, float))), None)
+
+
+def shown_metrics(task: str, rows: list[dict], headline: str = "reference") -> list[str]:
+    """The table's columns: the task's metrics that some result of the table has, the headline's first."""
+    lead = PLOTTED[task][check_headline(headline)]
+    return [m for m in dict.fromkeys(lead + METRICS[task]) if _has(rows, m)]
+
+
+def plotted_metrics(task: str, rows: list[dict], headline: str = "reference") -> tuple[str, ...]:
+    """The headline's four metrics; older files that have only the other convention's are plotted with those."""
+    order = PLOTTED[task][check_headline(headline):] + PLOTTED[task][:check_headline(headline)]
+    return next((s for s in order if all(_has(rows, m) for m in s)), order[0])
+
+
+def protocol_lines(rows: list[dict], metrics: list[str]) -> list[str]:
+    """What each shown column measures, from the results' own protocol (the first result that names the key)."""
+    named: dict[str, str] = {}
+    for r in rows:
+        p = r.get("protocol")
+        if isinstance(p, dict):
+            for k in metrics:
+                if p.get(k) and k not in named:
+                    named[k] = p[k]
+    if not any(named.values()):
+        text = next((r["protocol"] for r in rows if isinstance(r.get("protocol"), str)), None)
+        return [f"Protocol: {text or 'see DESIGN §8'}"]
+    return ["Protocols:"] + [f"- `{k}`: {named[k]}" for k in metrics if named.get(k)]
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -101,15 +160,15 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
 
 
-def _bar_plot(task: str, rows: list[dict], path: Path, variants: dict[int, str]) -> None:
+def _bar_plot(task: str, rows: list[dict], path: Path, variants: dict[int, str], headline: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = METRICS[task]
+    metrics = plotted_metrics(task, rows, headline)
     labels = ["unedited"] + [_label(r, variants) for r in rows]
-    values = [[rows[0]["baseline"].get(m) or 0 for m in metrics]] + [[r["metrics"].get(m) or 0 for m in metrics]
+    values = [[unedited(rows, m) or 0 for m in metrics]] + [[r["metrics"].get(m) or 0 for m in metrics]
                                                                        for r in rows]
     fig, ax = plt.subplots(figsize=(4.5 + 1.9 * len(metrics), 3.6))
     width = 0.8 / len(labels)
@@ -123,13 +182,13 @@ def _bar_plot(task: str, rows: list[dict], path: Path, variants: dict[int, str])
     plt.close(fig)
 
 
-def _sweep_plot(task: str, sweeps: dict[str, list[dict]], path: Path) -> None:
+def _sweep_plot(task: str, sweeps: dict[str, list[dict]], path: Path, headline: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = METRICS[task]
+    metrics = plotted_metrics(task, [r for rs in sweeps.values() for r in rs], headline)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), sharey=True)
     for ax, metric in zip(axes, metrics):
         for i, (label, rs) in enumerate(sweeps.items()):  # styles differ so that identical curves stay visible
@@ -157,8 +216,9 @@ def _sweeps(results: list[dict], variants: dict[int, str]) -> dict[str, list[dic
     return {k: list(v.values()) for k, v in best.items() if len(v) > 1}
 
 
-def build_report(paths: list[Path], out_dir: Path) -> Path:
+def build_report(paths: list[Path], out_dir: Path, headline: str = "reference") -> Path:
     """Write out_dir/report.md and its PNGs; return the markdown path."""
+    check_headline(headline)
     if not paths:
         raise InputError("give at least one result file")
     parsed = [(Path(p), read_json(p)) for p in paths]
@@ -173,12 +233,12 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
     lines = ["# lmedit report", ""]
     several_n = {task: sum(1 for t, _ in groups if t == task) > 1 for task, _ in groups}
     for (task, n), rows in groups.items():
-        metrics = METRICS[task]
         rows.sort(key=lambda r: (_series(r, variants), r["batch_size"]))
+        metrics = shown_metrics(task, rows, headline)
         stem = f"{task}_n{n}" if several_n[task] else task
-        lines += [f"## {task}, {n} records", "", f"Protocol: {rows[0].get('protocol') or 'see DESIGN §8'}", "",
+        lines += [f"## {task}, {n} records", ""] + protocol_lines(rows, metrics) + ["",
                   "| method | " + " | ".join(metrics) + " | s/edit |", "|---" * (len(metrics) + 2) + "|"]
-        lines.append("| unedited | " + " | ".join(_fmt(rows[0]["baseline"].get(m)) for m in metrics) + " | |")
+        lines.append("| unedited | " + " | ".join(_fmt(unedited(rows, m)) for m in metrics) + " | |")
         reused_any = False
         for r in rows:
             spe = r.get("timing", {}).get("seconds_per_edit")
@@ -190,13 +250,13 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
             lines += ["", "† some v* were reused from an earlier run on the same model (`values_reused` in the result):"
                       " this s/edit leaves out their optimisation."]
         bars = out_dir / f"{stem}_metrics.png"
-        _bar_plot(task, rows, bars, variants)
+        _bar_plot(task, rows, bars, variants, headline)
         lines += ["", f"![{task} metrics]({bars.name})", ""]
     for task in dict.fromkeys(t for t, _ in groups):
         sweeps = _sweeps([r for r in results if r["task"] == task], variants)
         if sweeps:
             curve = out_dir / f"{task}_scaling.png"
-            _sweep_plot(task, sweeps, curve)
+            _sweep_plot(task, sweeps, curve, headline)
             lines += [f"## {task}: metrics against the number of edits made at once", "",
                       "Each point: B edits applied together, averaged over the batches of its run (runs on "
                       "different numbers of records share a curve; at equal B the run on more records is used).",

@@ -29,6 +29,7 @@ from lmedit.checkpoints import train_dir_beside
 from lmedit.editors import get_editor, make_config
 from lmedit.editors.finetune import checkpoint_training
 from lmedit.errors import InputError
+from lmedit.evaluate import protocols
 from lmedit.evaluate.counterfact import aggregate, score_counterfact
 from lmedit.locate.value_store import ValueStore, reusing_values
 from lmedit.models.loading import LoadedModel
@@ -105,7 +106,8 @@ class Journal:
 def _signature(lm: LoadedModel, method: str, config, requests, batch_size: int, sequential: bool, task: str) -> dict:
     data = hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()).hexdigest()[:16]
     return {"task": task, "model": lm.name, "method": method, "config": dataclasses.asdict(config),
-            "batch_size": batch_size, "sequential": sequential, "n": len(requests), "data": data}
+            "batch_size": batch_size, "sequential": sequential, "n": len(requests), "data": data,
+            "scoring": protocols.VERSION}
 
 
 def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], batch_size: int | None = None,
@@ -194,8 +196,7 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
 
     metrics, baseline = aggregator(records), aggregator(baseline_records)
     for rec, base in zip(records, baseline_records):
-        rec["baseline"] = {k: base.get(k) for k in ("efficacy", "generalization", "specificity", "locality")
-                           if k in base}
+        rec["baseline"] = {k: base.get(k) for k in protocols.RECORD_METRICS if k in base}
     result = {
         "task": task,
         "model": lm.name,

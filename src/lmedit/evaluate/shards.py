@@ -15,6 +15,7 @@ import json
 import math
 
 from lmedit.errors import InputError
+from lmedit.evaluate.protocols import is_legacy
 
 _SAME = ("task", "model", "method", "config", "batch_size", "sequential", "protocol")
 
@@ -57,6 +58,9 @@ def merge_shards(results: list[dict], names: list[str]) -> dict:
         if not isinstance(result, dict) or "shard" not in result or "baseline_records" not in result:
             raise InputError(f"{name} is not a shard result (run `lmedit eval ... --shard k/N`)")
     first = results[0]
+    if is_legacy(first):  # its records hold the summed comparison under the keys that now mean per-token means
+        raise InputError(f"{names[0]} was written before every metric named its protocol: its records cannot be "
+                         "merged with today's metrics; re-run the shards")
     for result, name in zip(results[1:], names[1:]):
         for key in _SAME + ("shard",):
             a, b = first.get(key), result.get(key)

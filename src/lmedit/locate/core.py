@@ -1,8 +1,11 @@
 """Locate-then-edit: one core for ROME, MEMIT and EMMET (the methods differ only in configuration).
 
-1. v* at the last edit layer L (batched over requests, values.py; reused when a ValueStore is active).
-2. For each edit layer l in order: keys K at l and the current output z at L (with the earlier layers'
-   updates in place), residual share R = (Z* − Z) / (layers left), ΔW_l from the solver, applied.
+1. v* at the last edit layer L (batched over requests, values.py; reused when a ValueStore is active), at
+   the site the config names: the residual stream after block L (MEMIT, EMMET) or W_L's output (ROME).
+2. For each edit layer l in order: keys K at l and z = the hidden state h_L at the last subject token of the
+   bare prompt, both re-read with the earlier layers' updates in place (so z contains what they wrote into
+   the residual), share R = (Z* − Z) / (layers left) mapped to W_l's output space (sites.py), ΔW_l from the
+   solver, applied.
 3. Everything applied is reverted before returning: the model leaves as it came; the result is a Patch.
 """
 
@@ -17,11 +20,12 @@ import torch
 from lmedit import __version__
 from lmedit.errors import InputError
 from lmedit.locate.context import context_templates
-from lmedit.locate.keys import read_at_subject
+from lmedit.locate.keys import read_at_subject, template_weights, working_precision
 from lmedit.locate.solvers import equality_constrained, least_squares
 from lmedit.locate.value_store import find_values
 from lmedit.locate.values import ValueConfig
-from lmedit.models.arch import arch_for, check_layer, mlp_out_name
+from lmedit.locate.sites import check_site, residual_to_weight_space
+from lmedit.models.arch import arch_for, check_layer, mlp_out_module, mlp_out_name, mlp_out_norm_module
 from lmedit.patches import Delta, Patch, fingerprint
 from lmedit.requests import EditRequest
 from lmedit.stats.moments import load_or_compute
@@ -37,8 +41,13 @@ class LocateConfig:
     mu: float = 0.0  # equality solver: ridge on KᵀC⁻¹K (EMMET needs > 0 for large batches)
     identity_cov: bool = False  # use C = I instead of statistics (must be asked for; recorded in the patch)
     stats_corpus: str = "wiki"  # corpus for C: 'wiki', a text/JSONL file, or hf:NAME
-    stats_tokens: int = 100_000  # tokens of the corpus that C averages over
+    stats_unit: str = "tokens"  # what stats_n counts: 'documents' or 'tokens' (documents drawn at random, seeded)
+    stats_n: int | str = "100000"  # how many, or 'all' (the whole corpus); text so that --set stats_n=all works
+    stats_max_length: int = 1024  # tokens kept at the start of each document (bounded by the model's context)
+    stats_seed: int = 1  # the shuffle the documents are drawn in (1: the reference code's)
+    stats_tokens: int | None = None  # old spelling of stats_unit=tokens, stats_n=N; wins when set
     n_context: int = 5  # random model-written prefixes for k* and v* (plus the bare prompt)
+    key_average: str = "by_kind"  # k*: bare prompt ½, prefixed ones ½ (MEMIT); "uniform" (ROME), keys.py
     context_length: int = 10  # tokens per prefix
     seed: int = 0
     value: ValueConfig = field(default_factory=ValueConfig)
@@ -53,12 +62,28 @@ class LocateConfig:
             check_layer(model, l)
         if list(self.layers) != sorted(set(self.layers)):
             raise InputError(f"edit layers must be distinct and increasing, got {list(self.layers)}")
+        check_site(self.value.site)
+        template_weights(["{}"], self.key_average)  # an unknown average is an error before any work
+        if self.value.site == "mlp_out" and len(self.layers) > 1:
+            raise InputError("value.site=mlp_out reads z at W's output, which misses what earlier edit layers write "
+                             "into the residual stream; spread over several layers with value.site=residual")
         for name in ("mom2_weight", "mu"):
             v = getattr(self, name)
             if not (v == v and abs(v) != float("inf")) or v < 0:
                 raise InputError(f"{name} must be a finite non-negative number, got {v}")
         if self.solver == "least_squares" and self.mom2_weight == 0:
             raise InputError("mom2_weight (λ) must be positive for the least-squares solver")
+
+
+def _weight_dtype(model, layer: int) -> torch.dtype:
+    return mlp_out_module(model, layer).weight.dtype
+
+
+def _reached(v0: torch.Tensor, z_star: torch.Tensor, z_after: torch.Tensor) -> list[float]:
+    """Per request, how much of the way from z to z* the whole edit went: 1 − ‖z* − z_after‖ / ‖z* − z‖."""
+    want = (z_star - working_precision(v0)).norm(dim=1)
+    left = (z_star - z_after).norm(dim=1)
+    return [round(float(x), 6) for x in 1 - left / want.clamp(min=1e-12)]
 
 
 def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: LocateConfig, method: str,
@@ -75,7 +100,7 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
     if config.identity_cov:
         covs = None
     else:
-        covs = load_or_compute(model, tokenizer, layers, config.stats_corpus, config.stats_tokens,
+        covs = load_or_compute(model, tokenizer, layers, config.stats_corpus, config,
                                progress=progress, announce=announce)
     timing["stats_seconds"] = time.perf_counter() - t0
 
@@ -84,7 +109,8 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
     L = layers[-1]
     values = find_values(model, tokenizer, requests, L, templates, config.value, progress=progress and len(requests) > 1)
     timing["values_seconds"] = time.perf_counter() - t0
-    z_star = values.v_star.float()  # (n, d_out)
+    z_star = working_precision(values.v_star)  # (n, d): z* at the site of layer L, bare prompt
+    site = config.value.site
 
     t0 = time.perf_counter()
     names = [f"{mlp_out_name(model, l)}.weight" for l in layers]
@@ -94,20 +120,31 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
     applied = []
     try:
         for i, l in enumerate(layers):
-            keys, z = read_at_subject(model, tokenizer, requests, templates, [l], out_layer=L)
+            # Keys at l and z at L, re-read with the earlier layers' updates in place: z then contains what
+            # they wrote into the residual stream, so the share below is of what is really left.
+            reads = {"z": (L, site)}
+            if site == "residual" and mlp_out_norm_module(model, l) is not None:
+                reads["m"] = (l, "mlp_out")  # W_l's own output, to map the share through the post-MLP norm
+            keys, outs = read_at_subject(model, tokenizer, requests, templates, [l], reads,
+                                         key_average=config.key_average)
             K = keys[l].T  # (d_in, n)
-            R = (z_star - z).T / (len(layers) - i)  # (d_out, n): this layer's share of what is left
+            r = (z_star - outs["z"]) / (len(layers) - i)  # (n, d): this layer's share of z* − z
+            if "m" in outs:
+                r = residual_to_weight_space(model, l, outs["m"], r)
+            R = r.T  # (d_out, n): the change of W_l's output the solver aims at
             C = covs[l] if covs is not None else torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
             C = C.to(K.device)
             if config.solver == "least_squares":
                 left, right = least_squares(K, R, C, config.mom2_weight)
             else:
                 left, right = equality_constrained(K, R, C, config.mom2_weight, config.mu)
-            left, right = left.float(), right.float()  # ΔW = left @ right, (out, in)
+            left, right = left.to(_weight_dtype(model, l)), right.to(_weight_dtype(model, l))  # ΔW = left @ right, (out, in)
             delta = Delta(left=right.T.contiguous(), right=left.T.contiguous()) if transposed else \
                 Delta(left=left.contiguous(), right=right.contiguous())
             deltas[names[i]] = delta
             applied.append(Patch({names[i]: delta}, {}).apply(model))
+        _, outs = read_at_subject(model, tokenizer, requests, templates, [], {"z": (L, site)})
+        reached = _reached(values.v0, z_star, outs["z"])
     finally:
         for handle in reversed(applied):
             handle.revert()
@@ -121,8 +158,9 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
         "lmedit_version": __version__,
         "model_type": model.config.model_type,
         "covariance": "identity (asked for)" if config.identity_cov else
-                      f"second moment over {config.stats_tokens} tokens of {config.stats_corpus}",
+                      f"second moment over {covs.description}",
         "timing": timing,
-        "v_star": {"target_prob": values.target_prob.tolist(), "steps": values.steps.tolist()},
+        "v_star": {"target_prob": values.target_prob.tolist(), "steps": values.steps.tolist(), "site": site,
+                   "z_reached": reached},
     }
     return Patch(deltas, meta)

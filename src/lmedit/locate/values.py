@@ -1,13 +1,15 @@
 """v*: the value that makes the model say target_new, found by optimising a residual δ (ROME §3.1, MEMIT §4.2).
 
-For request i, δ_i is added to the output of W (the MLP output projection) at layer L at the last subject
-token, for the bare prompt and each random-prefixed variant. We minimise
+For request i, δ_i is added at the edit point of layer L — the output of block L, i.e. the residual stream
+(MEMIT, EMMET: site "residual"), or the output of W, the MLP output projection (ROME: site "mlp_out"; see
+sites.py) — at the last subject token, for the bare prompt and each random-prefixed variant. We minimise
 
     L(δ_i) = mean_prompts −log P(target_new | prompt; δ_i) / |target|
              + kl_factor · KL(P(· | "{subject} is a") ‖ P(· | "{subject} is a"; δ_i))
              + weight_decay · ‖δ_i‖² / ‖v0_i‖²
 
-with Adam, clamping ‖δ_i‖ ≤ clamp_norm_factor · ‖v0_i‖, and v*_i = v0_i + δ_i.
+with Adam, clamping ‖δ_i‖ ≤ clamp_norm_factor · ‖v0_i‖ (v0_i: the original output at the site, bare prompt),
+and v*_i = v0_i + δ_i.
 
 All requests share one optimisation: rows of every request go through the model together, the frozen
 prefixes once (see batching.py). Adam is element-wise, so a stacked δ is exactly n separate optimisations;
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 from lmedit.errors import EditFailure
 from lmedit.locate.batching import PrefixCache, SplitBatch, unembed
 from lmedit.locate.prompts import subject_last_token, with_target
+from lmedit.locate.sites import check_site, site_module
 from lmedit.models.arch import mlp_out_dims, mlp_out_module
 from lmedit.models.hooks import edit_output
 from lmedit.requests import EditRequest
@@ -39,11 +42,12 @@ class ValueConfig:
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v0‖
     early_stop_loss: float = 5e-2  # a request stops once its loss is below this (P(target) ≈ 0.95)
     chunk_requests: int = 32  # requests per forward/backward (gradients accumulate): memory only, same result
+    site: str = "residual"  # where δ is added: the residual stream after block L (MEMIT) or W's output (ROME)
 
 
 @dataclass
 class Values:
-    v0: torch.Tensor  # (n, d) original output of W at the edit point, bare prompt
+    v0: torch.Tensor  # (n, d) original output at the edit point (the site), bare prompt
     delta: torch.Tensor  # (n, d) optimised δ
     target_prob: torch.Tensor  # (n,) mean P(target_new) over prompts at the end
     steps: torch.Tensor  # (n,) steps each request took
@@ -73,14 +77,17 @@ def _rows(tokenizer, requests: list[EditRequest], templates: list[str]):
 def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], layer: int,
                    templates: list[str], config: ValueConfig = ValueConfig(), progress: bool = True,
                    cache_prefix: bool = True, replay_layers: bool = True) -> Values:
-    """Batched v* for all requests at `layer` (δ added to the output of W there).
+    """Batched v* for all requests at `layer` (δ added to the output of the site's module there).
 
     cache_prefix=False runs every full prompt through every layer at every step, as the reference
     implementations do (kept for the benchmark and the equivalence test); True runs the frozen prefixes once
     and, at each step, only the suffixes from `layer` up (batching.PrefixCache); replay_layers=False runs the
     suffixes through every layer (for the benchmark)."""
     W = mlp_out_module(model, layer)
+    edit_point = site_module(model, layer, check_site(config.site))  # δ is added to this module's output
     device = next(W.parameters()).device
+    dtype = W.weight.dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # the oracle tests run float64 models
     rows, subject_last, owner, kinds, targets = _rows(tokenizer, requests, templates)
     splits = subject_last if cache_prefix else [0] * len(rows)
     # column of the suffix where δ is added: the last subject token
@@ -92,7 +99,7 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
     is_kl = torch.tensor([k == "kl" for k in kinds], device=device)
     is_bare = torch.tensor([k == "rewrite" and templates[r % (len(templates) + 1)] == "{}" for r, k in enumerate(kinds)],
                            device=device)
-    n_rewrite = (~is_kl).float().new_zeros(n).index_add_(0, owner_t[~is_kl], torch.ones(int((~is_kl).sum()), device=device))
+    n_rewrite = torch.zeros(n, device=device, dtype=work).index_add_(0, owner_t[~is_kl], torch.ones(int((~is_kl).sum()), device=device, dtype=work))
 
     # Gather indices for the target tokens of rewrite rows: (row, suffix position, token id).
     tgt_row, tgt_pos, tgt_tok = [], [], []
@@ -102,17 +109,16 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
     tgt_row = torch.tensor(tgt_row, device=device)
     tgt_pos = torch.tensor(tgt_pos, device=device)
     tgt_tok = torch.tensor(tgt_tok, device=device)
-    tgt_len = torch.zeros(n_rows, device=device).index_add_(0, tgt_row, torch.ones(len(tgt_row), device=device))
+    tgt_len = torch.zeros(n_rows, device=device, dtype=work).index_add_(0, tgt_row, torch.ones(len(tgt_row), device=device, dtype=work))
     kl_rows = torch.nonzero(is_kl).flatten()
     kl_pos = torch.tensor([targets[r][0][0] - splits[r] for r in kl_rows.tolist()], device=device)
 
-    dtype = W.weight.dtype
-    d = mlp_out_dims(model, layer)[0]
-    delta = torch.zeros(n, d, device=device, dtype=torch.float32, requires_grad=True)
+    d = mlp_out_dims(model, layer)[0]  # W's output and the residual stream have the same width
+    delta = torch.zeros(n, d, device=device, dtype=work, requires_grad=True)
     active = torch.ones(n, dtype=torch.bool, device=device)
-    v0 = torch.zeros(n, d, device=device, dtype=torch.float32)
+    v0 = torch.zeros(n, d, device=device, dtype=work)
     steps_taken = torch.zeros(n, dtype=torch.long)
-    target_prob = torch.zeros(n)
+    target_prob = torch.zeros(n, dtype=work)
     row_delta = {"rows": None}
 
     def add_delta(out):  # out: (rows, S, d); δ goes to each row's last subject token
@@ -127,7 +133,7 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
     def capture_v0(out):  # the initial pass: v0 of the bare-prompt rows among the rows being run
         rows_now = row_delta["rows_v0"]
         bare = torch.nonzero(is_bare[rows_now]).flatten()
-        v0[owner_t[rows_now[bare]]] = out[bare, delta_col[rows_now[bare]]].float()
+        v0[owner_t[rows_now[bare]]] = out[bare, delta_col[rows_now[bare]]].to(work)
         return out
 
     def loss_terms(rows_now: torch.Tensor, kl_init: torch.Tensor | None):
@@ -135,16 +141,16 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
         local = torch.full((n_rows,), -1, dtype=torch.long, device=device)
         local[rows_now] = torch.arange(len(rows_now), device=device)
         keep = local[tgt_row] >= 0
-        logp = unembed(model, hidden[local[tgt_row[keep]], tgt_pos[keep]]).float().log_softmax(-1)
+        logp = unembed(model, hidden[local[tgt_row[keep]], tgt_pos[keep]]).to(work).log_softmax(-1)
         tok_logp = logp.gather(1, tgt_tok[keep, None]).squeeze(1)
         # per-row mean NLL of the target tokens, then mean over each request's rewrite rows
-        row_nll = torch.zeros(n_rows, device=device).index_add_(0, tgt_row[keep], -tok_logp) / tgt_len.clamp(min=1)
-        nll = torch.zeros(n, device=device).index_add_(0, owner_t[~is_kl], row_nll[~is_kl]) / n_rewrite
-        prob = torch.zeros(n, device=device).index_add_(0, owner_t[~is_kl], torch.zeros(n_rows, device=device)
+        row_nll = torch.zeros(n_rows, device=device, dtype=work).index_add_(0, tgt_row[keep], -tok_logp) / tgt_len.clamp(min=1)
+        nll = torch.zeros(n, device=device, dtype=work).index_add_(0, owner_t[~is_kl], row_nll[~is_kl]) / n_rewrite
+        prob = torch.zeros(n, device=device, dtype=work).index_add_(0, owner_t[~is_kl], torch.zeros(n_rows, device=device, dtype=work)
                                                         .index_add_(0, tgt_row[keep], tok_logp)[~is_kl].exp()) / n_rewrite
         kl_active = kl_rows[local[kl_rows] >= 0]
-        kl_logp = unembed(model, hidden[local[kl_active], kl_pos[local[kl_rows] >= 0]]).float().log_softmax(-1)
-        kl = torch.zeros(n, device=device)
+        kl_logp = unembed(model, hidden[local[kl_active], kl_pos[local[kl_rows] >= 0]]).to(work).log_softmax(-1)
+        kl = torch.zeros(n, device=device, dtype=work)
         if kl_init is not None:
             init = kl_init[owner_t[kl_active]]
             kl = kl.index_add(0, owner_t[kl_active], (init.exp() * (init - kl_logp)).sum(-1))
@@ -166,12 +172,12 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
             yield part, all_rows[part[owner_t]]
 
     kl_init = None
-    with torch.no_grad(), edit_output(W, capture_v0):
+    with torch.no_grad(), edit_output(edit_point, capture_v0):
         for _, rows_now in chunks(torch.ones(n, dtype=torch.bool, device=device)):
             row_delta["rows_v0"] = rows_now
             _, _, _, kl_logp = loss_terms(rows_now, None)
             if kl_init is None:
-                kl_init = torch.zeros(n, kl_logp.shape[-1], device=device)
+                kl_init = torch.zeros(n, kl_logp.shape[-1], device=device, dtype=work)
             kl_rows_now = rows_now[is_kl[rows_now]]
             kl_init[owner_t[kl_rows_now]] = kl_logp
     max_norm = config.clamp_norm_factor * v0.norm(dim=1)
@@ -184,7 +190,7 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
         losses = []
         for part, rows_now in chunks(active):
             row_delta["rows"] = rows_now
-            with edit_output(W, add_delta):
+            with edit_output(edit_point, add_delta):
                 nll, kl, prob, _ = loss_terms(rows_now, kl_init)
             wd = config.weight_decay * delta.norm(dim=1) ** 2 / v0.norm(dim=1).clamp(min=1e-8) ** 2
             loss = nll + config.kl_factor * kl + wd  # (n,); only this chunk's entries are used

@@ -27,6 +27,7 @@ class Arch:
     transposed: bool = False  # weights stored (in, out), as GPT-2's Conv1D does
     body: str | None = None  # the module whose last_hidden_state `unembed` reads; None = the parent of `layers`
     kv_cache: bool = True  # whether the body can run on cached prefix keys/values (batched scoring, v*)
+    mlp_out_norm: str | None = None  # a norm between W's output and the residual stream (Gemma-2/3), in a block
 
 
 _LLAMA_LIKE = dict(
@@ -52,8 +53,8 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("mistral", **_LLAMA_LIKE),
         Arch("qwen2", **_LLAMA_LIKE),
         Arch("gemma", **_LLAMA_LIKE),
-        Arch("gemma2", **_LLAMA_LIKE),
-        Arch("gemma3_text", **_LLAMA_LIKE),
+        Arch("gemma2", **_LLAMA_LIKE, mlp_out_norm="post_feedforward_layernorm"),
+        Arch("gemma3_text", **_LLAMA_LIKE, mlp_out_norm="post_feedforward_layernorm"),
         Arch("phi3", **{**_LLAMA_LIKE, "mlp_in": "mlp.gate_up_proj"}),
         # Backpack (backpack/model.py): the roles are those of its contextualising GPT-2; the output that the
         # tied embedding unembeds is the sense sum of `backpack`, which has no final norm of its own
@@ -109,6 +110,12 @@ def mlp_out_name(model: nn.Module, layer: int) -> str:
 
 def mlp_out_module(model: nn.Module, layer: int) -> nn.Module:
     return get_module(model, mlp_out_name(model, layer))
+
+
+def mlp_out_norm_module(model: nn.Module, layer: int) -> nn.Module | None:
+    """The norm that W's output passes through before it is added to the residual stream, if the family has one."""
+    arch = arch_for(model)
+    return None if arch.mlp_out_norm is None else get_module(block(model, layer), arch.mlp_out_norm)
 
 
 def mlp_out_dims(model: nn.Module, layer: int) -> tuple[int, int]:

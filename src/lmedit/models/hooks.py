@@ -33,7 +33,7 @@ def capture_io(modules: dict[str, nn.Module], inputs: bool = True, outputs: bool
 
     def make_hook(name):
         def hook(module, args, output):
-            if inputs:
+            if inputs and args:  # a block may be called with hidden_states as a keyword: only outputs then
                 store[name]["input"] = args[0]
             if outputs:
                 store[name]["output"] = _first(output)

@@ -1,1 +1,1 @@
-"""Key statistics: corpora, the streaming second moment C = E[k kᵀ], and its cache."""
+"""Key statistics: corpora, the sample of them C averages over, the streaming second moment C = E[k kᵀ], its cache."""

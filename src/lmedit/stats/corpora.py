@@ -1,7 +1,7 @@
 """Corpora for key statistics: the offline Wikipedia leads by default, or the user's text/JSONL files.
 
-A corpus has an `id` that names its content (used in cache keys) and yields documents in a fixed order,
-so an interrupted pass can resume by skipping the documents already counted.
+A corpus has an `id` that names its content (used in cache keys) and holds its documents in a fixed order,
+so a seeded shuffle of their indices (sampling.py) draws the same sample on every rank and in every resumed pass.
 """
 
 from __future__ import annotations
@@ -65,11 +65,6 @@ def file_corpus(path: str | Path) -> Corpus:
     if not docs:
         raise InputError(f"corpus file {path} holds no text")
     return Corpus(f"file-{path.stem}-{digest}", tuple(docs))
-
-
-def corpus_id(spec: str = "wiki") -> str:
-    """The id statistics are cached under, without reading the default corpus."""
-    return WIKI_ID if spec == "wiki" else get_corpus(spec).id
 
 
 def get_corpus(spec: str = "wiki") -> Corpus:

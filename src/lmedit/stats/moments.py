@@ -1,13 +1,19 @@
 """Streaming uncentred second moment C = E[k kᵀ] of the keys at the input of W, for several layers in one pass.
 
+Which tokens C averages over is a `Sample` (sampling.py): documents drawn in a seeded random order, each cut
+to a maximum length, n of them counted in documents or tokens, or the whole corpus. With the plan of documents
+(index, tokens counted) fixed first, the batches are a pure function of it, and
+
+    C = (1/N) Σ_(d, m) in plan Σ_(t < m) k_(d,t) k_(d,t)ᵀ,   N = Σ m.
+
 Under torch.distributed (e.g. `torchrun --nproc-per-node 4 -m lmedit.cli stats compute ...`) each rank runs every
-world-th batch of the same token stream and the float64 sums are all-reduced: the same tokens, the same C.
+world-th batch of the same plan and the float64 sums are all-reduced: the same documents, the same C.
 
 Each batch's kᵀk is formed in the model's dtype (float32 at least: a 16-bit product would keep 8-11 bits of
-each entry) and added to a float64 running sum, so the hot loop costs
-one matrix product per layer while the long sum keeps full precision. The pass stops after the highest
-requested layer (the layers above do not change the keys). Sums are checkpointed so an interrupted pass
-resumes where it stopped; C itself is cached per (model fingerprint, layer, corpus, n tokens).
+each entry) and added to a float64 running sum, so the hot loop costs one matrix product per layer while the
+long sum keeps full precision. The pass stops after the highest requested layer (the layers above do not
+change the keys). Sums are checkpointed every few batches, with the index of the next batch of the plan, so an
+interrupted pass resumes where it stopped; C itself is cached per (model fingerprint, corpus, layer, sample).
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -29,6 +37,9 @@ from lmedit.models.arch import check_layer, mlp_out_dims, mlp_out_module
 from lmedit.models.hooks import capture_io, run_until_stop
 from lmedit.models.loading import cache_dir
 from lmedit.stats.corpora import Corpus
+from lmedit.stats.sampling import Sample, batches, draw, model_context, token_ids
+
+BATCH_TOKENS = 4096  # padded tokens per forward: the old 16 documents × 256 tokens, a size that runs well on CPUs
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -66,66 +77,97 @@ def add_gram_upper(acc: torch.Tensor, k: torch.Tensor, blocks: int = 4) -> None:
                 acc[edges[j]:edges[j + 1], edges[i]:edges[i + 1]] += block.T
 
 
-def stats_path(model: nn.Module, layer: int, corpus_id: str, n_tokens: int) -> Path:
-    return cache_dir() / "stats" / model_fingerprint(model) / corpus_id / f"layer{layer}_n{n_tokens}.safetensors"
+def as_sample(sample, model: nn.Module) -> Sample:
+    """A Sample, a token count (what older callers pass), or a config with stats_* settings (LocateConfig),
+    as it runs on `model` (documents cut to its context)."""
+    if isinstance(sample, Sample):
+        pass
+    elif isinstance(sample, int) and not isinstance(sample, bool):
+        sample = Sample("tokens", sample)
+    elif hasattr(sample, "stats_seed"):
+        sample = Sample.from_config(sample)
+    else:
+        raise InputError(f"not a statistics sample: {sample!r}")
+    return sample.bounded(model_context(model))
 
 
-def _batches(tokenizer, corpus: Corpus, start_doc: int, seq_len: int, batch_size: int):
-    batch = []
-    for i in range(start_doc, len(corpus)):
-        ids = tokenizer(corpus.documents[i], add_special_tokens=True, truncation=True, max_length=seq_len)["input_ids"]
-        if ids:
-            batch.append(ids)
-        if len(batch) == batch_size or i == len(corpus) - 1:
-            if batch:
-                yield i + 1, batch
-            batch = []
+def whole_if_larger(sample: Sample, corpus: Corpus) -> Sample:
+    """n documents of a corpus that has no more than n: the whole corpus, one cache entry (the reference
+    likewise clamps its sample size to the dataset's)."""
+    if sample.unit == "documents" and sample.n is not None and sample.n >= len(corpus):
+        return replace(sample, n=None).bounded(None)
+    return sample
 
 
-def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpus: Corpus, n_tokens: int,
-                           seq_len: int = 256, batch_size: int = 16, checkpoint: Path | None = None,
-                           checkpoint_every: int = 20, progress: bool = True) -> dict[int, torch.Tensor]:
-    """C_l = (1/N) Σ_t k_t k_tᵀ over the first N = n_tokens non-pad tokens of `corpus`, for each l in `layers`."""
-    if n_tokens <= 0:
-        raise InputError(f"the number of statistics tokens must be positive, got {n_tokens}")
+def stats_path(model: nn.Module, layer: int, corpus_id: str, sample) -> Path:
+    """…/stats/<model>/<corpus>/layer<l>_<unit><n>_max<len>_seed<s>.safetensors (documents-all for the corpus)."""
+    key = as_sample(sample, model).key
+    return cache_dir() / "stats" / model_fingerprint(model) / corpus_id / f"layer{layer}_{key}.safetensors"
+
+
+def plan_batches(tokenizer, corpus: Corpus, sample: Sample, batch_tokens: int = BATCH_TOKENS):
+    """The sample's documents as (document index, tokens counted), grouped into the forward passes."""
+    return batches(draw(tokenizer, corpus.documents, sample), batch_tokens)
+
+
+def batch_token_ids(tokenizer, corpus: Corpus, batch: list[tuple[int, int]], max_length: int) -> list[list[int]]:
+    """Each planned document's counted tokens (a causal model's keys at t < m do not see the tokens after m)."""
+    rows = token_ids(tokenizer, [corpus.documents[i] for i, _ in batch], max_length)
+    return [row[:m] for row, (_, m) in zip(rows, batch)]
+
+
+class SecondMoments(dict):
+    """{layer: C}, and what C averages over (recorded in patches)."""
+
+    def __init__(self, by_layer: dict, corpus_id: str, sample: Sample, n_tokens: int, n_documents: int):
+        super().__init__(by_layer)
+        self.corpus_id, self.sample, self.n_tokens, self.n_documents = corpus_id, sample, n_tokens, n_documents
+
+    @property
+    def description(self) -> str:
+        return (f"{self.n_tokens} tokens in {self.n_documents} documents of {self.corpus_id}: "
+                f"{self.sample.describe()}")
+
+
+def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpus: Corpus, sample,
+                           batch_tokens: int = BATCH_TOKENS, checkpoint: Path | None = None,
+                           checkpoint_every: int = 20, progress: bool = True) -> SecondMoments:
+    """C_l = (1/N) Σ k kᵀ over the tokens `sample` picks from `corpus` (see the module docstring), each l."""
+    sample = as_sample(sample, model)
     layers = sorted(set(check_layer(model, l) for l in layers))
+    plan = plan_batches(tokenizer, corpus, sample, batch_tokens)
+    total = sum(m for batch in plan for _, m in batch)
     modules = {str(l): mlp_out_module(model, l) for l in layers}
     device = next(modules[str(layers[0])].parameters()).device
     d_in = mlp_out_dims(model, layers[0])[1]
     sums = {l: torch.zeros(d_in, d_in, dtype=torch.float64, device=device) for l in layers}
-    count, start_doc = 0, 0
+    count, start = 0, 0
     rank, world = shard()
     if checkpoint is not None and world > 1:
         checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}-of-{world}{checkpoint.suffix}")
     if checkpoint is not None and checkpoint.is_file():
         state = load_file(checkpoint)
-        sums = {l: state[f"sum.{l}"].to(device) for l in layers}
-        count, start_doc = int(state["count"].item()), int(state["next_doc"].item())
-    bar = tqdm(total=n_tokens, initial=min(count, n_tokens), desc=f"statistics ({corpus.id}, layers {layers})",
-               unit="tok", disable=not progress or rank != 0)
+        if int(state["plan_batches"].item()) == len(plan) and int(state["plan_tokens"].item()) == total:
+            sums = {l: state[f"sum.{l}"].to(device) for l in layers}
+            count, start = int(state["count"].item()), int(state["next_batch"].item())
+    bar = tqdm(total=total, initial=count, desc=f"statistics ({corpus.id}, layers {layers})", unit="tok",
+               disable=not progress or rank != 0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.no_grad():
-        for b, (next_doc, batch) in enumerate(_batches(tokenizer, corpus, start_doc, seq_len, batch_size)):
-            if count >= n_tokens:
-                break
-            ids, mask = right_pad(batch, pad)
-            # Count exactly n_tokens: drop tokens past the budget (in reading order).
-            flat_keep = mask.flatten().cumsum(0) <= (n_tokens - count)
-            keep = (mask.flatten().bool() & flat_keep).view_as(mask).to(device)
+        for b in range(start, len(plan)):
             if b % world == rank:  # under torch.distributed each rank runs every world-th batch
+                ids, mask = right_pad(batch_token_ids(tokenizer, corpus, plan[b], sample.max_length), pad)
                 with capture_io(modules, inputs=True, stop_after=str(layers[-1])) as store:
                     run_until_stop(lambda: model(input_ids=ids.to(device), attention_mask=mask.to(device)))
+                keep = mask.bool().to(device)
                 for l in layers:
-                    k = store[str(l)]["input"][keep]  # (tokens, d_in)
-                    add_gram_upper(sums[l], k)
-            added = int(keep.sum())  # every rank tokenizes every batch, so all agree on the count and the cut
+                    add_gram_upper(sums[l], store[str(l)]["input"][keep])  # (tokens, d_in)
+            added = sum(m for _, m in plan[b])  # the plan is every rank's: all agree on the count
             count += added
             bar.update(added)
-            if checkpoint is not None and (b + 1) % checkpoint_every == 0:
-                _save_checkpoint(checkpoint, sums, count, next_doc)
+            if checkpoint is not None and (b + 1) % checkpoint_every == 0 and b + 1 < len(plan):
+                _save_checkpoint(checkpoint, sums, count, b + 1, plan, total)
     bar.close()
-    if count < n_tokens:
-        raise InputError(f"corpus {corpus.id} has only {count} tokens, fewer than the {n_tokens} asked for")
     if world > 1:
         import torch.distributed as dist
 
@@ -133,7 +175,8 @@ def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpu
             dist.all_reduce(sums[l])  # Σ over ranks of their batches' kᵀk = the single-process sum
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
-    return {l: sums[l] / count for l in layers}
+    n_docs = sum(len(batch) for batch in plan)
+    return SecondMoments({l: sums[l] / total for l in layers}, corpus.id, sample, total, n_docs)
 
 
 def join_process_group() -> str | None:
@@ -162,48 +205,56 @@ def shard() -> tuple[int, int]:
     return 0, 1
 
 
-def _save_checkpoint(path: Path, sums, count: int, next_doc: int) -> None:
+def _save_checkpoint(path: Path, sums, count: int, next_batch: int, plan, total: int) -> None:
     state = {f"sum.{l}": s for l, s in sums.items()}
-    state["count"] = torch.tensor([count])
-    state["next_doc"] = torch.tensor([next_doc])
+    state.update({"count": torch.tensor([count]), "next_batch": torch.tensor([next_batch]),
+                  "plan_batches": torch.tensor([len(plan)]), "plan_tokens": torch.tensor([total])})
     atomic_save_tensors(path, state)
 
 
 def load_or_compute(model: nn.Module, tokenizer, layers: list[int], corpus_spec: str = "wiki",
-                    n_tokens: int = 100_000, compute: bool = True, progress: bool = True,
-                    announce=print) -> dict[int, torch.Tensor]:
-    """C for each layer from the cache; missing layers are computed (announced, never silently) in one pass."""
-    from lmedit.stats.corpora import WIKI_ID, get_corpus
+                    sample=None, compute: bool = True, progress: bool = True,
+                    announce=print) -> SecondMoments:
+    """C for each layer from the cache; missing layers are computed (announced, never silently) in one pass.
 
-    corpus = None if corpus_spec == "wiki" else get_corpus(corpus_spec)  # read a file corpus once
-    corpus_id = WIKI_ID if corpus is None else corpus.id
-    out, missing = {}, []
+    `sample`: a Sample (default Sample()), a token count, or a LocateConfig (its stats_* settings).
+    """
+    from lmedit.stats.corpora import get_corpus
+
+    sample = as_sample(Sample() if sample is None else sample, model)  # a bad setting fails before any reading
+    corpus = get_corpus(corpus_spec)
+    sample = whole_if_larger(sample, corpus)
+    out, missing, counts = {}, [], None
     for l in sorted(set(layers)):
-        path = stats_path(model, l, corpus_id, n_tokens)
+        path = stats_path(model, l, corpus.id, sample)
         if path.is_file():
-            out[l] = load_file(path)["C"]
+            with safe_open(str(path), "pt") as f:
+                out[l], meta = f.get_tensor("C"), f.metadata()
+            counts = int(meta["n_tokens"]), int(meta["n_documents"])
         else:
             missing.append(l)
     if missing:
         if not compute:
-            raise InputError(f"no cached statistics for layers {missing} ({corpus_id}, n={n_tokens}); "
+            raise InputError(f"no cached statistics for layers {missing} ({corpus.id}, {sample.describe()}); "
                              "run `lmedit stats compute` first")
-        corpus = corpus or get_corpus(corpus_spec)
-        announce(f"computing key statistics for layers {missing} over {n_tokens} tokens of {corpus_id} "
+        announce(f"computing key statistics for layers {missing} over {sample.describe()} of {corpus.id} "
                  f"(cached under {cache_dir() / 'stats'})")
-        resume = stats_path(model, missing[0], corpus_id, n_tokens).with_name(
-            f"partial_{'-'.join(map(str, missing))}_n{n_tokens}.safetensors")
-        computed = compute_second_moments(model, tokenizer, missing, corpus, n_tokens, checkpoint=resume,
+        resume = stats_path(model, missing[0], corpus.id, sample).with_name(
+            f"partial_{'-'.join(map(str, missing))}_{sample.key}.safetensors")
+        computed = compute_second_moments(model, tokenizer, missing, corpus, sample, checkpoint=resume,
                                           progress=progress)
+        counts = computed.n_tokens, computed.n_documents
         rank, world = shard()
         for l, C in computed.items():
             out[l] = C
             if rank != 0:
                 continue  # every rank holds C; one writes it
-            atomic_save_tensors(stats_path(model, l, corpus_id, n_tokens), {"C": C}, metadata={
-                "layer": str(l), "corpus": corpus_id, "n_tokens": str(n_tokens), "model": model_fingerprint(model)})
+            atomic_save_tensors(stats_path(model, l, corpus.id, sample), {"C": C}, metadata={
+                "layer": str(l), "corpus": corpus.id, "unit": sample.unit, "n": str(sample.n or "all"),
+                "max_length": str(sample.max_length), "seed": str(sample.seed), "n_tokens": str(counts[0]),
+                "n_documents": str(counts[1]), "model": model_fingerprint(model)})
         if world > 1:
             import torch.distributed as dist
 
             dist.barrier()  # the cache is complete before any rank goes on
-    return out
+    return SecondMoments(out, corpus.id, sample, *counts)
