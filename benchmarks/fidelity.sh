@@ -22,28 +22,32 @@ run() {  # run OUTPUT_STEM BATCH TASK ARGS...
     $LM eval "$task" --batch-size "$size" --out "$OUT/$stem.json" --resume "$@"
 }
 
-cf100() {  # MEMIT and EMMET share v* (same last layer, same site): the second costs only its solve
+cf100() {  # MEMIT and EMMET share v* (same last layer, same site): each further cell costs only its solve
   run cf100-memit.b100 100 counterfact --data $CF --limit 100 --method memit
-  run cf100-emmet-mu0.001.b100 100 counterfact --data $CF --limit 100 --method emmet --set mu=0.001
   run cf100-emmet.b100 100 counterfact --data $CF --limit 100 --method emmet
+  # the pre-fix defaults, for the before → after table (same settings, only the fix differs)
+  run cf100-memit-lambda500.b100 100 counterfact --data $CF --limit 100 --method memit --set mom2_weight=500
+  run cf100-emmet-mu0.001-lambda5000.b100 100 counterfact --data $CF --limit 100 --method emmet --set mom2_weight=5000
 }
 zsre100() {
   run zsre100-memit.b100 100 zsre --data $ZSRE --limit 100 --method memit
-  run zsre100-emmet-mu0.001.b100 100 zsre --data $ZSRE --limit 100 --method emmet --set mu=0.001
+  run zsre100-emmet.b100 100 zsre --data $ZSRE --limit 100 --method emmet
+  run zsre100-memit-lambda500.b100 100 zsre --data $ZSRE --limit 100 --method memit --set mom2_weight=500
+  run zsre100-emmet-mu0.001-lambda5000.b100 100 zsre --data $ZSRE --limit 100 --method emmet --set mom2_weight=5000
 }
 rome() {  # generation-based checks beside teacher-forced ones for ROME (each edit alone)
   run cf100-rome.b1 1 counterfact --data $CF --limit 100 --method rome
   run zsre100-rome.b1 1 zsre --data $ZSRE --limit 100 --method rome
 }
-cfseq() {  # sequential batches of 10, each on top of the earlier ones
+cfseq() {  # sequential batches of 10, each on top of the earlier ones (v* on the edited model: new defaults only)
   run cf100-memit-seq10 10 counterfact --data $CF --limit 100 --method memit --sequential
-  run cf100-emmet-mu0.001-seq10 10 counterfact --data $CF --limit 100 --method emmet --set mu=0.001 --sequential
+  run cf100-emmet-seq10 10 counterfact --data $CF --limit 100 --method emmet --sequential
 }
 zsreseq() {
   run zsre100-memit-seq10 10 zsre --data $ZSRE --limit 100 --method memit --sequential
-  run zsre100-emmet-mu0.001-seq10 10 zsre --data $ZSRE --limit 100 --method emmet --set mu=0.001 --sequential
+  run zsre100-emmet-seq10 10 zsre --data $ZSRE --limit 100 --method emmet --sequential
 }
 
 stages=("$@")
-[[ ${#stages[@]} == 0 ]] && stages=(cf100 zsre100 rome cfseq zsreseq)
+[[ ${#stages[@]} == 0 ]] && stages=(cf100 zsre100 cfseq rome zsreseq)
 for s in "${stages[@]}"; do "$s"; done

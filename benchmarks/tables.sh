@@ -6,6 +6,9 @@
 #        cf1000small zsre500 ftzsre500 ft1000 ft1000base seq1000 seqzsre500 zsrelambda;
 #        default: all, in that order)
 # Each command runs alone: two torch processes on a 2-core machine slow each other many times over.
+# MEMIT and EMMET: the cells below were measured before issue 16's residual-stream fix; their results are in
+# results/tables-prefix/ (the "before" of README's before → after table). The 100-record cells are re-measured by
+# benchmarks/fidelity.sh; re-running a 1000/500 stage here measures the post-fix code at the current defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LM=.venv/bin/lmedit

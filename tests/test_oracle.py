@@ -3,7 +3,8 @@
 ROME, MEMIT and EMMET on tiny random gpt2, llama, qwen2 and gemma3_text models (six layers), for 1, 2 and 5
 edit layers, batches of 1, 4 and 16 requests, one batch (batch mode) or two batches one after another
 (sequential): the same ΔW to a relative error of 1e-6, the same δ and the same keys. Before the residual-
-stream fix (z read at W_L's output) every multi-layer case here failed.
+stream fix (z, v0 and δ at W_L's output, uniform k*) every MEMIT case failed against this oracle, with relative
+ΔW errors of 0.97 to 18 (measured once by reverting the fix locally).
 """
 
 from __future__ import annotations

@@ -292,7 +292,8 @@ def test_a_finished_sequential_run_leaves_no_journal_behind(tiny_model, tmp_path
 
 
 def test_report_names_a_departure_from_the_defaults(tmp_path):
-    """A lone EMMET run at μ = 0.001 on the embedded model is labelled with μ; a run at the defaults is not."""
+    """A lone EMMET run at μ = 0.1 (not its default) on the embedded model is labelled with μ; a run at the
+    defaults is not."""
     import dataclasses
     import json
 
@@ -303,7 +304,7 @@ def test_report_names_a_departure_from_the_defaults(tmp_path):
     default = dataclasses.asdict(apply_overrides(get_editor("emmet").config_cls(), DEFAULTS[("emmet", "smollm2-135m")]))
     m = {"efficacy": 0.9, "generalization": 0.5, "specificity": 0.5, "edit_score": 0.5}
     paths = []
-    for i, (method, config) in enumerate([("emmet", {**default, "mu": 0.001}), ("memit", None)]):
+    for i, (method, config) in enumerate([("emmet", {**default, "mu": 0.1}), ("memit", None)]):
         if config is None:
             config = dataclasses.asdict(apply_overrides(get_editor("memit").config_cls(),
                                                         DEFAULTS[("memit", "smollm2-135m")]))
@@ -312,7 +313,7 @@ def test_report_names_a_departure_from_the_defaults(tmp_path):
         paths.append(tmp_path / f"r{i}.json")
         paths[-1].write_text(json.dumps(r))
     md = build_report(paths, tmp_path / "rep").read_text()
-    assert " mu=0.001 (batch 10, n=10) |" in md
+    assert " mu=0.1 (batch 10, n=10) |" in md
     assert "| memit L2-3-4-5-6 (batch 10, n=10) |" in md
 
 

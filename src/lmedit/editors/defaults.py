@@ -15,8 +15,9 @@ DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # ROME's clamp is against ‖W_6 k‖ (its v* is W's output); MEMIT's and EMMET's against ‖h_6‖ (the residual
     # stream, EasyEdit's Llama factor 4, which never binds on SmolLM2: ‖δ‖ ≈ ‖h_6‖ on counterfact-train)
     ("rome", "smollm2-135m"): {"layers": (6,), "value.clamp_norm_factor": 4.0},
-    ("memit", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6), "mom2_weight": 500.0},
-    ("emmet", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6), "mom2_weight": 5000.0, "mu": 0.1},
+    # re-chosen after the residual-stream fix (issue 16; README "How SmolLM2's defaults were chosen")
+    ("memit", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6), "mom2_weight": 2000.0},
+    ("emmet", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6), "mom2_weight": 15000.0, "mu": 0.001},
     # GPT-J and GPT-2 XL rows as published with ROME/MEMIT
     ("rome", "gptj"): {"layers": (5,), "value.clamp_norm_factor": 4.0},
     ("memit", "gptj"): {"layers": (3, 4, 5, 6, 7, 8), "mom2_weight": 15000.0, "value.clamp_norm_factor": 0.75},
