@@ -57,7 +57,8 @@ def after_table(task: str, rows, extra: list[tuple[str, str]]) -> list[str]:
             ["efficacy", "generalization", "specificity", "edit_score", "locality", "edit_score_locality"])
     keys += ["efficacy_generated", "generalization_generated"]
     out = ["| | " + " | ".join(keys) + " | s/edit |", "|---" * (len(keys) + 2) + "|"]
-    results = [(label, load(AFTER, stem)) for label, stem, _ in rows] + [(label, load(AFTER, stem)) for label, stem in extra]
+    results = [(label, load(AFTER, stem)) for label, stem, _ in rows]
+    results += [(label, r) for label, stem in extra if (r := load(AFTER, stem))]  # other methods: only if run
     first = next((r for _, r in results if r), None)
     if first:
         out.append("| unedited | " + " | ".join(f(first["baseline"].get(k)) for k in keys) + " | |")
