@@ -4,23 +4,17 @@
 # The "before" numbers are the pre-fix files of benchmarks/tables.sh in benchmarks/results/tables/ (same
 # records, same batch sizes; summed convention). Re-runnable like tables.sh: finished cells are skipped, an
 # interrupted one resumes, v* are reused from the lmedit cache.
-# Usage: benchmarks/fidelity.sh STAGE...   (stages: cf100 zsre100 rome cfseq zsreseq; default: all)
+# Usage: benchmarks/fidelity.sh STAGE...   (stages: cf100 zsre100 rome cfseq zsreseq zsre500 cf1000 cfseq1000
+#        zsreseq500; default: all, in that order; the 500/1000 stages take hours on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LM=.venv/bin/lmedit
 DATA=../shared/data
 OUT=benchmarks/results/fidelity
 CF=$DATA/counterfact/counterfact-edit.json
 ZSRE=$DATA/zsre/zsre-500.json
 mkdir -p "$OUT"
 
-run() {  # run OUTPUT_STEM BATCH TASK ARGS...
-  local stem=$1 size=$2 task=$3; shift 3
-  if [[ -f $OUT/$stem.json ]]; then echo "== $stem: done"; return; fi
-  echo "== $stem ($(date +%T))"
-  /usr/bin/time -f "== $stem: %e s wall, %M KB peak" \
-    $LM eval "$task" --batch-size "$size" --out "$OUT/$stem.json" --resume "$@"
-}
+source benchmarks/lib.sh
 
 cf100() {  # MEMIT and EMMET share v* (same last layer, same site): each further cell costs only its solve
   run cf100-memit.b100 100 counterfact --data $CF --limit 100 --method memit
@@ -48,6 +42,27 @@ zsreseq() {
   run zsre100-emmet-seq10 10 zsre --data $ZSRE --limit 100 --method emmet --sequential
 }
 
+zsre500() {  # all 500 zsRE records; MEMIT computes the v* every later cell reuses (same layer, same site)
+  run zsre500-memit 100,500 zsre --data $ZSRE --method memit
+  run zsre500-emmet 100,500 zsre --data $ZSRE --method emmet
+  run zsre500-memit-lambda500.b500 500 zsre --data $ZSRE --method memit --set mom2_weight=500
+  run zsre500-emmet-mu0.001-lambda5000.b500 500 zsre --data $ZSRE --method emmet --set mom2_weight=5000
+}
+cf1000() {  # CounterFact first 1000: one batch of 1000 and ten batches of 100
+  run cf1000-memit 100,1000 counterfact --data $CF --limit 1000 --method memit
+  run cf1000-emmet 100,1000 counterfact --data $CF --limit 1000 --method emmet
+  run cf1000-memit-lambda500.b1000 1000 counterfact --data $CF --limit 1000 --method memit --set mom2_weight=500
+  run cf1000-emmet-mu0.001-lambda5000.b1000 1000 counterfact --data $CF --limit 1000 --method emmet --set mom2_weight=5000
+}
+cfseq1000() {  # sequential: ten batches of 100, each on top of the earlier ones (fresh v* for batches 2-10)
+  run cf1000-memit-seq100 100 counterfact --data $CF --limit 1000 --method memit --sequential
+  run cf1000-emmet-seq100 100 counterfact --data $CF --limit 1000 --method emmet --sequential
+}
+zsreseq500() {
+  run zsre500-memit-seq100 100 zsre --data $ZSRE --method memit --sequential
+  run zsre500-emmet-seq100 100 zsre --data $ZSRE --method emmet --sequential
+}
+
 stages=("$@")
-[[ ${#stages[@]} == 0 ]] && stages=(cf100 zsre100 cfseq rome zsreseq)
+[[ ${#stages[@]} == 0 ]] && stages=(cf100 zsre100 cfseq rome zsreseq zsre500 cf1000 cfseq1000 zsreseq500)
 for s in "${stages[@]}"; do "$s"; done

@@ -11,26 +11,13 @@
 # benchmarks/fidelity.sh; re-running a 1000/500 stage here measures the post-fix code at the current defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LM=.venv/bin/lmedit
 DATA=../shared/data
 OUT=benchmarks/results/tables
 CF=$DATA/counterfact/counterfact-edit.json
 ZSRE=$DATA/zsre/zsre-500.json
 mkdir -p "$OUT"
 
-run() {  # run OUTPUT_STEM SIZES TASK ARGS...: skip when every result file is there
-  local stem=$1 sizes=$2 task=$3; shift 3
-  local missing=0
-  if [[ $sizes == *,* ]]; then
-    for b in ${sizes//,/ }; do [[ -f $OUT/$stem.b$b.json ]] || missing=1; done
-  else
-    [[ -f $OUT/$stem.json ]] || missing=1
-  fi
-  if [[ $missing == 0 ]]; then echo "== $stem: done"; return; fi
-  echo "== $stem ($(date +%T))"
-  /usr/bin/time -f "== $stem: %e s wall, %M KB peak" \
-    $LM eval "$task" --batch-size "$sizes" --out "$OUT/$stem.json" --resume "$@"
-}
+source benchmarks/lib.sh
 
 cf100() {  # EMMET with the defaults is MEMIT (λ = μλ′, see README); μ = 0.001 is the near-equality regime
   run cf100-memit 1,10,100 counterfact --data $CF --limit 100 --method memit
