@@ -99,7 +99,9 @@ def demo(model: str = ModelOpt,
          force: bool = ForceOpt) -> None:
     """Edit a few facts in the embedded model, show before/after, save the patch, revert.
 
-    Example: lmedit demo
+    Example:
+
+      lmedit demo
     """
     from lmedit.demo import run_demo
 
@@ -118,7 +120,9 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     """Compute an edit and save it as a patch (the model files are not changed). A fine-tuning edit keeps its
     state after every epoch in OUT.train/; the same command run again after an interruption resumes from it.
 
-    Example: lmedit edit --method memit --requests facts.jsonl --out my-patch
+    Example:
+
+      lmedit edit --method memit --requests facts.jsonl --out my-patch
     """
     import shutil
 
@@ -253,7 +257,10 @@ def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = Mode
     """Edit CounterFact records; score efficacy, generalisation, specificity, edit score (probability comparison:
     mean per-token log-probs as in ROME/MEMIT, and summed as *_summed) and generation-based checks.
 
-    Example: lmedit eval counterfact --method rome --data counterfact-edit.json --limit 100 --batch-size 1 --out rome.json
+    Example (each of the first 100 records edited alone):
+
+      lmedit eval counterfact --method rome --data cf.json --limit 100 \\
+        --batch-size 1 --out rome.json
     """
     _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force, resume, fluency,
               reuse_values, shard, generated, fluency_seed)
@@ -268,7 +275,9 @@ def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, m
     """Edit zsRE records (MEND format); score token-level top-1 accuracy, specificity (MEMIT's), locality
     (EasyEdit's) and generation-based checks.
 
-    Example: lmedit eval zsre --method memit --data zsre-500.json --out memit-zsre.json
+    Example:
+
+      lmedit eval zsre --method memit --data zsre-500.json --out memit-zsre.json
     """
     _run_eval("zsre", data, out, model, method, limit, batch_size, sequential, sets, force, resume,
               reuse_values=reuse_values, shard=shard, generated=generated)
@@ -279,7 +288,9 @@ def eval_merge(shards: list[Path] = typer.Argument(..., help="the N shard result
                out: Path = OutOpt, force: bool = ForceOpt) -> None:
     """Join the result files of `lmedit eval ... --shard k/N` into the result of the whole run.
 
-    Example: lmedit eval merge memit.1.json memit.2.json --out memit.json
+    Example:
+
+      lmedit eval merge memit.1.json memit.2.json --out memit.json
     """
     from lmedit.evaluate.shards import merge_shards
     from lmedit.fileio import atomic_write_json, check_writable, read_json
@@ -317,9 +328,12 @@ def stats_compute(model: str = ModelOpt,
     Documents are drawn in a seeded random order and cut to --max-length tokens; --n counts documents or tokens.
     Under torchrun the ranks share the pass (each runs every world-th batch; the sums are all-reduced).
 
-    Example: lmedit stats compute --layers 2,3,4,5,6 --unit tokens --n 100000
-             lmedit stats compute --layers 6 --unit documents --n all
-             torchrun --nproc-per-node 4 -m lmedit.cli stats compute --layers 2,3,4,5,6 --n 10000000
+    Examples (the last: four processes under torchrun):
+
+      lmedit stats compute --layers 2,3,4,5,6 --unit tokens --n 100000
+      lmedit stats compute --layers 6 --unit documents --n all
+      torchrun --nproc-per-node 4 -m lmedit.cli \\
+        stats compute --layers 2,3,4,5,6 --n 10000000
     """
     from lmedit.stats.moments import join_process_group, load_or_compute, stats_path
 
@@ -342,7 +356,9 @@ def stats_inspect(model: str = ModelOpt,
                   seed: int = SeedOpt, tokens: Optional[int] = TokensOpt) -> None:
     """Show a cached C: where it is, its size, trace and conditioning (never computes).
 
-    Example: lmedit stats inspect --layer 4 --unit documents --n all
+    Example:
+
+      lmedit stats inspect --layer 4 --unit documents --n all
     """
     import torch
     from safetensors import safe_open
@@ -379,13 +395,16 @@ def export(patch: Path = typer.Option(..., "--patch", "-p", help="patch director
            model: str = ModelOpt,
            gguf_type: str = typer.Option("f32", "--gguf-type", help="type of the edited tensors in a .gguf output: "
                                          "f32 (exact) or f16; the others keep the source's own quantisation"),
-           force: bool = ForceOpt) -> None:
+           force: bool = typer.Option(False, "--force", help="overwrite an existing output, and apply a delta "
+                                      "larger than any lmedit edit makes (10x its weight's norm)")) -> None:
     """Apply a patch and write the edited model: as a Hugging Face directory, or (OUT ending in .gguf) as a GGUF
     file for llama.cpp-based tools, copied from the GGUF the model was loaded from with the edited tensors
     replaced, and checked by loading it back.
 
-    Example: lmedit export --patch my-patch --out edited-model
-             lmedit export --patch my-patch --out edited.gguf
+    Examples:
+
+      lmedit export --patch my-patch --out edited-model
+      lmedit export --patch my-patch --out edited.gguf
     """
     from lmedit.fileio import AtomicDirectory, check_writable
     from lmedit.models.gguf_export import GGUF_TYPES, export_gguf
@@ -402,7 +421,7 @@ def export(patch: Path = typer.Option(..., "--patch", "-p", help="patch director
                          "export an HF directory and convert it with llama.cpp's convert_hf_to_gguf.py")
     p = Patch.load(patch)
     lm = _load(model)
-    p.apply(lm.model)  # refuses a different base model
+    p.apply(lm.model, force=force)  # refuses a different base model, and (unless --force) an implausible size
     if to_gguf:
         info = export_gguf(lm.model, source, out, sorted(p.deltas), gguf_type)
         console.print(f"wrote {out} ({info['bytes'] / 2**20:.1f} MiB): {len(info['replaced'])} edited tensor(s) "
@@ -424,7 +443,9 @@ def report(results: list[Path] = typer.Argument(..., help="result JSON files fro
            force: bool = ForceOpt) -> None:
     """Turn result files into one markdown page with tables and PNG plots.
 
-    Example: lmedit report rome.json memit.json emmet.json --out report
+    Example:
+
+      lmedit report rome.json memit.json emmet.json --out report
     """
     from lmedit.evaluate.report import build_report, check_headline
     from lmedit.fileio import check_writable
@@ -446,9 +467,36 @@ from lmedit.cli_backpack import register_backpack  # noqa: E402  (registers `bac
 register_backpack(app)
 
 
+def _show_warnings() -> None:
+    """lmedit's warnings as one line each on stderr; other libraries' warnings as Python shows them."""
+    import warnings
+
+    from lmedit.errors import LmeditWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, LmeditWarning):
+            err_console.print(f"lmedit: warning: {message}", markup=False, highlight=False)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", LmeditWarning)
+
+
+def _usage_line(e: Exception) -> str:
+    """A usage error (missing or unknown option, bad value) as one line that points at the command's help."""
+    message = e.format_message() if hasattr(e, "format_message") else str(e)
+    ctx = getattr(e, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return " ".join(message.split()) + where
+
+
 def main() -> None:
     import click
 
+    _show_warnings()
     try:
         code = app(standalone_mode=False)  # Typer turns Ctrl-C into a returned 130, not an exception
         if isinstance(code, int) and code != 0:
@@ -459,12 +507,12 @@ def main() -> None:
             traceback.print_exc()
         err_console.print(f"lmedit: error: {e}", markup=False, highlight=False)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         err_console.print("lmedit: aborted")
         sys.exit(130)
-    except click.exceptions.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except (click.exceptions.ClickException, typer.TyperException) as e:  # Typer ≥ 0.2x vendors its own click
+        err_console.print(f"lmedit: error: {_usage_line(e)}", markup=False, highlight=False)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         err_console.print("lmedit: interrupted")
         sys.exit(130)

@@ -36,7 +36,9 @@ def register_backpack(app: typer.Typer) -> None:
               force: bool = typer.Option(False, "--force", help="start over in an existing --out")) -> None:
         """Train a Backpack on the offline corpus, checkpointing as it goes.
 
-        Example: lmedit backpack train --out backpack-smol --steps 3000 --for-steps 1000 (then --resume)
+        Example (1000 of 3000 steps now; the same command with --resume goes on):
+
+          lmedit backpack train --out backpack-smol --steps 3000 --for-steps 1000
         """
         import shutil
 

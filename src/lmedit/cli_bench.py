@@ -32,7 +32,10 @@ def register_bench(app: typer.Typer) -> None:
         """Time the editing core on one model: each part compares two ways of the same work in one run, so its
         ratio holds on a noisy machine. Run it alone.
 
-        Example: lmedit bench --data counterfact-edit.json --out bench --parts scoring,stats --scoring-n 100
+        Example:
+
+          lmedit bench --data cf.json --out bench --parts scoring,stats \\
+            --scoring-n 100
         """
         from lmedit.bench import check_parts, run_bench
         from lmedit.cli import _load, console

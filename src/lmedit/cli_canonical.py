@@ -96,8 +96,10 @@ def eval_canonical(
         force: bool = typer.Option(False, "--force", help="overwrite an existing output")) -> None:
     """Edit with canonical examples; score success change per degradation league (Hewitt et al. 2024).
 
-    Example: lmedit eval canonical --task country_capital --data-dir ../shared/data/canonical --split val
-    --method lora --league 1e-5 --trials 20 --out cc-lora.json
+    Example (a 20-trial search for LoRA in the 1e-5 league):
+
+      lmedit eval canonical --data-dir canonical --task country_capital \\
+        --method lora --league 1e-5 --trials 20 --out cc-lora.json
     """
     from lmedit.cli import _load, _parse_sets, console
     from lmedit.evaluate import canonical_config as cc

@@ -40,8 +40,10 @@ def register_trace(app: typer.Typer) -> None:
         time, and plot how much of P(answer) each one brings back. With MLP traces of several facts, suggests
         the ROME layer (the peak of the average effect at the last subject token) and MEMIT's layers.
 
-        Example: lmedit trace --prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower"
-        --out eiffel-trace
+        Example:
+
+          lmedit trace --prompt "The Eiffel Tower is located in the city of" \\
+            --subject "The Eiffel Tower" --out eiffel-trace
         """
         from lmedit.cli import _load, console
         from lmedit.fileio import AtomicDirectory, atomic_write_json, check_writable
@@ -58,6 +60,9 @@ def register_trace(app: typer.Typer) -> None:
         if prompt is not None:
             if not subject:
                 raise InputError("--prompt needs --subject (the words whose embeddings are corrupted)")
+            if answer is not None and not answer.strip():
+                raise InputError("--answer is blank: give the answer's text, or leave --answer out to trace the "
+                                 "model's own top next token")
             if subject not in prompt:
                 raise InputError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
             facts = [(prompt, subject, answer)]

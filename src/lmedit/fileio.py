@@ -19,10 +19,18 @@ def current_umask() -> int:
 
 
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to overwrite an existing file or directory unless `force` is set."""
+    """Refuse to overwrite an existing file or directory unless `force` is set, and a path that cannot be
+    created (a file where a directory must be, no write permission): checked before any model work."""
     path = Path(path)
     if path.exists() and not force:
         raise InputError(f"{path} already exists; pass --force to overwrite it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the first ancestor that exists must be a directory
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: no permission to write in {parent}")
     return path
 
 
@@ -81,13 +89,27 @@ class AtomicDirectory:
         os.replace(self.tmp, self.path)
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; a missing file or bad JSON is an InputError naming the line."""
+def _not_text(path: Path, e: UnicodeDecodeError, expected: str) -> InputError:
+    return InputError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start}); expected {expected}")
+
+
+def read_text(path: str | os.PathLike, expected: str = "a text file") -> str:
+    """A UTF-8 text file; missing or binary is an InputError saying what was expected."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"file not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_text(path, e, expected) from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a missing file, a binary file or bad JSON is an InputError naming the line."""
+    path = Path(path)
+    text = read_text(path, "a JSON file")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
@@ -98,8 +120,12 @@ def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[in
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_text(path, e, f"JSON lines (line {lineno} is not)") from None
             if not line.strip():
                 continue
             try:

@@ -22,13 +22,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmedit import __version__
-from lmedit.errors import InputError, LmeditError
+from lmedit.errors import EditFailure, InputError, LmeditError
 from lmedit.fileio import AtomicDirectory, atomic_write_json, current_umask, read_json
+from lmedit.patch_integrity import INTEGRITY_KEY, check_finite, check_plausible, seal, verify
 
 FORMAT = "lmedit-patch/1"
 TENSORS_FILE = "patch.safetensors"
 META_FILE = "patch.json"
-_RESERVED_META = ("format", "deltas")  # keys patch.json uses for itself
+_RESERVED_META = ("format", "deltas", INTEGRITY_KEY)  # keys patch.json uses for itself
 _HALF = (torch.float16, torch.bfloat16)
 _PARTS = {"dense": ("dense",), "lowrank": ("left", "right")}  # stored tensors per kind
 
@@ -185,7 +186,13 @@ class Patch:
     def build(cls, model: nn.Module, deltas: dict[str, Delta], *, method: str, config: dict | None = None,
               requests: list[dict] | None = None, metrics: dict | None = None,
               model_name: str | None = None) -> Patch:
-        """What an editor returns: the deltas plus metadata, fingerprinting the base it was computed on."""
+        """What an editor returns: the deltas plus metadata, fingerprinting the base it was computed on.
+        A non-finite delta is an EditFailure here, where it was made, not a surprise when it is applied."""
+        for name, delta in deltas.items():
+            try:
+                check_finite(name, delta.parts(), method)
+            except InputError as e:
+                raise EditFailure(f"{e}; the edit diverged: try a smaller learning rate") from None
         meta = {"method": method, "model": model_name, "config": dict(config or {}),
                 "requests": list(requests or []), "metrics": dict(metrics or {}),
                 "base_fingerprint": fingerprint(model, deltas), "lmedit_version": __version__}
@@ -218,9 +225,10 @@ class Patch:
                              f"has {actual[:12]}), refusing to apply; load the checkpoint it was made on, in the "
                              "same dtype, and revert any patch already applied to it")
 
-    def apply(self, model: nn.Module) -> AppliedPatch:
-        """Check names, shapes and base, then W += ΔW in place; returns the handle that reverts it.
-        ΔW is cast to each parameter's own device and dtype, so this works under device_map="auto"."""
+    def apply(self, model: nn.Module, force: bool = False) -> AppliedPatch:
+        """Check names, shapes, base and size, then W += ΔW in place; returns the handle that reverts it.
+        ΔW is cast to each parameter's own device and dtype, so this works under device_map="auto".
+        A delta far larger than its weight (patch_integrity.MAX_RELATIVE_NORM) is refused unless `force`."""
         params = _resolve(model, self.deltas)
         for name, delta in self.deltas.items():
             shape = tuple(params[name].shape)
@@ -228,6 +236,7 @@ class Patch:
                 hint = " (it looks transposed: deltas are in the parameter's storage layout)" \
                     if shape == delta.shape[::-1] else ""
                 raise InputError(f"delta for {name} has shape {delta.shape} but the parameter is {shape}{hint}")
+            check_plausible(name, delta.norm(), params[name], force)
         self.check_base(model)
         applied = AppliedPatch(params, {name: params[name].detach().clone() for name in self.deltas})
         try:
@@ -240,7 +249,7 @@ class Patch:
         return applied
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
-        """Write patch.safetensors + patch.json into a new directory, atomically."""
+        """Write patch.safetensors + patch.json (with the digests of both) into a new directory, atomically."""
         clash = [k for k in _RESERVED_META if k in self.meta]
         if clash:
             raise LmeditError(f"patch meta may not use the keys {clash}: patch.json uses them itself")
@@ -251,7 +260,7 @@ class Patch:
                 tensors[f"{name}::{part}"] = t.detach().cpu().contiguous().clone()  # clone: no shared storage
         doc = {"format": FORMAT, **self.meta, "deltas": index}
         try:
-            json.dumps(doc)
+            doc = seal(doc, tensors)
         except (TypeError, ValueError) as e:
             raise LmeditError(f"patch meta is not JSON-serialisable: {e}") from None
         with AtomicDirectory(path, force=force) as tmp:
@@ -262,7 +271,8 @@ class Patch:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Patch:
-        """Read a patch directory (safetensors + JSON only); anything missing or inconsistent is an InputError."""
+        """Read a patch directory (safetensors + JSON only); anything missing, inconsistent, non-finite or not
+        matching the digests it was saved with is an InputError naming the file."""
         path = Path(path)
         if not path.is_dir():
             raise InputError(f"patch directory not found: {path}")
@@ -280,6 +290,7 @@ class Patch:
             tensors = load_file(str(tensors_file))
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"{tensors_file}: not a readable safetensors file: {e}") from None
+        verify(doc, tensors, meta_file, tensors_file)
         deltas, used = {}, set()
         for name, entry in index.items():
             kind = entry.get("kind") if isinstance(entry, dict) else None
@@ -291,6 +302,7 @@ class Patch:
             if missing:
                 raise InputError(f"{tensors_file} lacks {missing}, which {META_FILE} lists")
             used.update(keys.values())
+            check_finite(name, {part: tensors[k] for part, k in keys.items()}, str(tensors_file))
             try:
                 delta = Delta(**{part: tensors[k] for part, k in keys.items()})
             except ValueError as e:

@@ -35,7 +35,7 @@ def edit(model, tokenizer, requests, config: RomeConfig, progress: bool = True, 
         raise InputError(f"ROME edits exactly one layer, got {list(config.layers)}")
     patches = []
     for req in requests:
-        handles = [p.apply(model) for p in patches]
+        handles = [p.apply(model, force=True) for p in patches]  # computed here, not read from a file
         try:
             patches.append(locate_then_edit(model, tokenizer, [req], config, "rome", progress, announce))
         finally:

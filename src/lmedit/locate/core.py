@@ -142,7 +142,7 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
             delta = Delta(left=right.T.contiguous(), right=left.T.contiguous()) if transposed else \
                 Delta(left=left.contiguous(), right=right.contiguous())
             deltas[names[i]] = delta
-            applied.append(Patch({names[i]: delta}, {}).apply(model))
+            applied.append(Patch({names[i]: delta}, {}).apply(model, force=True))  # being computed: not a file
         _, outs = read_at_subject(model, tokenizer, requests, templates, [], {"z": (L, site)})
         reached = _reached(values.v0, z_star, outs["z"])
     finally:

@@ -104,6 +104,9 @@ def answer_token(tokenizer, prompt: str, answer: str) -> int | None:
     return cont[0] if cont else None
 
 
+_TOKENS_PER_PASS = 1 << 16  # tokens in one forward pass of the trace (rows × prompt length)
+
+
 def trace_fact(model: nn.Module, tokenizer, prompt: str, subject: str, answer: str | None = None,
                config: TraceConfig = TraceConfig(), progress: bool = False) -> Trace:
     """Causal trace of one prompt; `answer` defaults to the model's top next token."""
@@ -141,10 +144,20 @@ def trace_fact(model: nn.Module, tokenizer, prompt: str, subject: str, answer: s
             return torch.softmax(logits, -1)[:, o].view(runs, config.samples).mean(1)
 
         p_corrupted = float(p_answer([])[0])
+        # Restorations are independent rows: run them in chunks of at most _TOKENS_PER_PASS tokens, so a long
+        # prompt neither fills memory nor sits minutes on one tick of the progress bar (same numbers).
+        per_pass = max(1, _TOKENS_PER_PASS // (config.samples * width))
+        starts = range(0, width, per_pass)
         effect = []
-        for l in tqdm(range(n_layers), desc=f"trace ({config.kind})", disable=not progress, leave=False):
-            layers = _window(config.kind, l, config.window, n_layers)
-            effect.append(p_answer([(layers, t) for t in range(width)]).cpu().tolist())
+        with tqdm(total=n_layers * len(starts), desc=f"trace ({config.kind})", disable=not progress,
+                  leave=False) as bar:
+            for l in range(n_layers):
+                layers = _window(config.kind, l, config.window, n_layers)
+                row = []
+                for t0 in starts:
+                    row += p_answer([(layers, t) for t in range(t0, min(width, t0 + per_pass))]).cpu().tolist()
+                    bar.update()
+                effect.append(row)
     tokens = [tokenizer.decode([i]) for i in ids]
     return Trace(prompt, subject, answer, tokens, (first, last), config.kind, p_clean, p_corrupted, effect)
 
