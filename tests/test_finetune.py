@@ -522,8 +522,8 @@ def test_interrupted_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path, 
     assert calls["n"] == 6 * per_epoch
 
 
-@pytest.mark.parametrize("setting, phrase", [("n_random_facts=-1", "n_random_facts must not be negative"),
-                                             ("n_paraphrases=-2", "n_paraphrases must not be negative"),
+@pytest.mark.parametrize("setting, phrase", [("n_random_facts=-1", "n_random_facts must be an integer >= 0, got -1"),
+                                             ("n_paraphrases=-2", "n_paraphrases must be an integer >= 0, got -2"),
                                              ("facts_file=/no/such/facts.json", "facts_file: file not found")])
 def test_bad_augmentation_settings_exit_2_with_one_line(tiny_model, tmp_path, monkeypatch, capsys, setting, phrase):
     import json

@@ -374,7 +374,7 @@ def test_apply_overrides_unknown_key_names_valid_ones():
         apply_overrides(config, {"value.lrr": 0.1})
     with pytest.raises(InputError):
         apply_overrides(config, {"value": 1})  # a group, not a value
-    with pytest.raises(InputError, match="expected a int"):
+    with pytest.raises(InputError, match=r"value.steps must be an integer >= 2, got 'many'"):
         apply_overrides(config, {"value.steps": "many"})
 
 
@@ -389,8 +389,8 @@ def test_config_validate_rejects_bad_numbers(tiny, tokenizer):
     memit = get_editor("memit")
     for bad in (dict(mom2_weight=float("nan")), dict(mom2_weight=-1.0), dict(mu=float("inf")), dict(layers=(2, 1)),
                 dict(layers=(9,)), dict(layers=())):
-        config = dataclasses.replace(memit.config_cls(identity_cov=True), **bad)
-        with pytest.raises(InputError):
+        with pytest.raises(InputError):  # refused when the config is made, or at the latest by the editor
+            config = dataclasses.replace(memit.config_cls(identity_cov=True), **bad)
             memit.fn(tiny.model, tokenizer, REQUESTS[:1], config, progress=False)
 
 

@@ -217,3 +217,84 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+
+
+# ------------------------------------------------------------------------------------------ requests as a batch
+
+EIFFEL = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
+LOUVRE = {"prompt": "The Louvre is in the city of", "subject": "The Louvre", "target_new": "Madrid"}
+
+
+def _lmedit_warnings(record) -> list[str]:
+    from lmedit.errors import LmeditWarning
+
+    return [str(w.message) for w in record if issubclass(w.category, LmeditWarning)]
+
+
+def test_batch_drops_exact_duplicates_with_a_warning_naming_both(tmp_path, recwarn):
+    path = write_lines(tmp_path / "r.jsonl", [json.dumps(EIFFEL), json.dumps(LOUVRE), json.dumps(EIFFEL),
+                                              json.dumps(dict(EIFFEL, target_new=" Rome", target_true="Paris"))])
+    assert len(load_requests(path)) == 4  # not a batch (an evaluation file): every record is a case
+    assert not _lmedit_warnings(recwarn)
+    requests = load_requests(path, batch=True)
+    assert [r.to_dict() for r in requests] == [EditRequest(**EIFFEL).to_dict(), EditRequest(**LOUVRE).to_dict()]
+    assert _lmedit_warnings(recwarn) == [
+        f"{path} line 3: duplicate of {path} line 1 (same prompt, subject and target_new); dropped",
+        f"{path} line 4: duplicate of {path} line 1 (same prompt, subject and target_new); dropped"]
+
+
+def test_batch_refuses_contradictory_targets_naming_both_records(tmp_path):
+    path = write_json(tmp_path / "r.json", [EIFFEL, LOUVRE, dict(EIFFEL, target_new="Berlin")])
+    message = raises([f"{path} record 2 contradicts {path} record 0", "'The Eiffel Tower'", "'Berlin' and 'Rome'"],
+                     load_requests, path, batch=True)
+    assert "more" not in message
+    assert len(load_requests(path)) == 3  # an evaluation file may hold both (CounterFact does)
+    many = write_lines(tmp_path / "r.jsonl", [json.dumps(EIFFEL), json.dumps(dict(EIFFEL, target_new="Berlin")),
+                                              json.dumps(LOUVRE), json.dumps(dict(LOUVRE, target_new="Oslo"))])
+    raises([f"{many} line 2 contradicts {many} line 1", "(1 more such pairs)"], load_requests, many, batch=True)
+
+
+def test_batch_warns_which_occurrence_of_a_repeated_subject_is_edited(tmp_path, recwarn):
+    twice = {"prompt": "Paris is a city, and Paris is the capital of", "subject": "Paris", "target_new": "Spain"}
+    path = write_json(tmp_path / "r.json", [EIFFEL, twice])
+    requests = load_requests(path, batch=True)
+    assert len(requests) == 2
+    assert _lmedit_warnings(recwarn) == [f"{path} record 1: subject 'Paris' occurs 2 times in the prompt; "
+                                         "editing the last occurrence"]
+    assert requests[1].template == "Paris is a city, and {} is the capital of"  # the occurrence the warning names
+
+
+def test_check_batch_on_requests_made_in_python(recwarn):
+    from lmedit.requests import check_batch, occurrences
+
+    a, b = EditRequest(**EIFFEL), EditRequest(**LOUVRE)
+    assert check_batch([a, b, a]) == [a, b]
+    assert _lmedit_warnings(recwarn) == ["request 2: duplicate of request 0 (same prompt, subject and target_new); "
+                                         "dropped"]
+    raises(["request 1 contradicts request 0"], check_batch, [a, EditRequest(**dict(EIFFEL, target_new="Oslo"))])
+    assert (occurrences("aaa", "aa"), occurrences("abc", "d"), occurrences("abab", "ab")) == (2, 0, 2)
+
+
+def test_many_warnings_of_one_kind_end_in_a_count(recwarn):
+    from lmedit.requests import SHOWN, check_batch
+
+    a = EditRequest(**EIFFEL)
+    assert check_batch([a] * (SHOWN + 4)) == [a]
+    shown = _lmedit_warnings(recwarn)
+    assert len(shown) == SHOWN + 1 and shown[-1] == "3 more duplicate requests dropped"
+
+
+def test_edit_cli_refuses_contradictions_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from lmedit import cli
+
+    path = write_lines(tmp_path / "r.jsonl", [json.dumps(EIFFEL), json.dumps(dict(EIFFEL, target_new="Berlin"))])
+    monkeypatch.setattr(sys, "argv", ["lmedit", "edit", "--model", str(tmp_path / "no-model-here"), "--requests",
+                                      str(path), "--out", str(tmp_path / "p")])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert f"{path} line 2 contradicts {path} line 1" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "p").exists()

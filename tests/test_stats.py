@@ -162,7 +162,7 @@ def test_batches_sort_within_windows_and_keep_every_document():
 def test_validation_names_the_valid_units_and_wants_a_positive_count():
     with pytest.raises(InputError) as bad:
         Sample.parse("bogus", 10)
-    assert str(bad.value) == "unknown statistics unit 'bogus'; valid: documents, tokens"
+    assert str(bad.value) == "unknown statistics unit (stats_unit, --unit) 'bogus'; valid: documents, tokens"
     for n in (0, -3, "1.5", "ten", True, 2.0, ""):
         with pytest.raises(InputError, match="positive integer or 'all'"):
             Sample.parse("tokens", n)
@@ -396,8 +396,8 @@ def test_cli_rejects_a_bad_unit_or_count_in_one_line(llama, tmp_path, monkeypatc
     reqs.write_text(json.dumps({"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
                                 "target_new": "Rome", "target_true": "Paris"}) + "\n")
     edit = ["edit", "--model", str(model_dir), "--method", "rome", "--requests", str(reqs), "--set", "layers=1"]
-    cases += [(edit + ["--out", str(tmp_path / "p1"), "--set", "stats_unit=bogus"], "valid: documents, tokens"),
-              (edit + ["--out", str(tmp_path / "p2"), "--set", "stats_n=-5"], "positive integer")]
+    cases += [(edit + ["--out", str(tmp_path / "p1"), "--set", "stats_unit=bogus"], "documents, tokens"),
+              (edit + ["--out", str(tmp_path / "p2"), "--set", "stats_n=-5"], "stats_n must be an integer >= 1 or 'all'")]
     for args, phrase in cases:
         code, err = _cli(monkeypatch, capsys, *args)
         lines = [l for l in err.strip().splitlines() if l.strip()]

@@ -81,7 +81,9 @@ def _parse_layers(text: str) -> list[int]:
 
 def _metrics_table(result: dict) -> Table:
     table = Table(title=f"{result['task']}: {result['method']} on {result['model']} "
-                        f"(n={result['n']}, batch {result['batch_size']}{', sequential' if result['sequential'] else ''})")
+                        f"(n={result['n']}, batch {result['batch_size']}{', sequential' if result['sequential'] else ''}"
+                        + (f", {skip['n']} invalid record(s) left out" if (skip := result.get("skipped_invalid")) else "")
+                        + ")")
     table.add_column("metric")
     table.add_column("edited", justify="right")
     table.add_column("unedited", justify="right")
@@ -127,14 +129,15 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     import shutil
 
     from lmedit.checkpoints import train_dir_beside
-    from lmedit.editors import get_editor, make_config
+    from lmedit.editors import apply_overrides, get_editor, make_config
     from lmedit.editors.finetune import checkpoint_training
     from lmedit.fileio import check_writable
     from lmedit.requests import load_requests
 
     check_writable(out, force)
-    reqs = load_requests(requests, limit=limit)
+    reqs = load_requests(requests, limit=limit, batch=True)  # edited together: checked as a batch
     editor = get_editor(method)
+    apply_overrides(editor.config_cls(), _parse_sets(sets))  # a bad --set is refused before the model loads
     lm = _load(model)
     config = make_config(method, lm.name, lm.model, _parse_sets(sets))
     train_dir = train_dir_beside(out)  # resumed only by the same requests, settings and model
@@ -162,8 +165,8 @@ def _batch_sizes(text: Optional[str]) -> list[Optional[int]]:
 def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: Optional[int],
               batch_size: Optional[str], sequential: bool, sets: Optional[list[str]], force: bool,
               resume: bool, fluency: bool = False, reuse_values: bool = True, shard: Optional[str] = None,
-              generated: bool = True, fluency_seed: int = 0) -> None:
-    from lmedit.editors import get_editor
+              generated: bool = True, fluency_seed: int = 0, skip_invalid: bool = False) -> None:
+    from lmedit.editors import apply_overrides, get_editor
     from lmedit.evaluate.run import discard_journal, run_edit_eval
     from lmedit.fileio import atomic_write_json, check_writable
     from lmedit.requests import load_requests
@@ -177,9 +180,13 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
         check_writable(o, force or resume)
         if j.exists() and not (force or resume):
             raise InputError(f"{j} holds an unfinished run; pass --resume to continue it or --force to start over")
-    get_editor(method)
+    apply_overrides(get_editor(method).config_cls(), _parse_sets(sets))  # bad --set: refused before any work
     accept = ("zsre",) if task == "zsre" else ("counterfact", "rome", "jsonl")
-    reqs = load_requests(data, limit=limit, accept=accept)
+    skipped = [] if skip_invalid else None
+    reqs = load_requests(data, limit=limit, accept=accept, skipped=skipped)
+    if skipped:
+        console.print(f"left out {len(skipped)} invalid record(s) (--skip-invalid), e.g. {skipped[0].where}: "
+                      f"{skipped[0].reason}; all are listed in the result", markup=False, highlight=False)
     for b in sizes:
         if b is not None and b > len(reqs):
             raise InputError(f"--batch-size {b} exceeds the {len(reqs)} records")
@@ -219,6 +226,8 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
                                baseline=baseline, keep_baseline_records=part is not None, **scoring)
         if part is not None:
             result["shard"] = part
+        if skipped is not None:
+            result["skipped_invalid"] = {"n": len(skipped), "records": [r.to_dict() for r in skipped]}
         atomic_write_json(o, result)
         discard_journal(j)
         console.print(_metrics_table(result))
@@ -241,6 +250,8 @@ ReuseOpt = typer.Option(True, "--reuse-values/--no-reuse-values",
 GeneratedOpt = typer.Option(True, "--generated/--no-generated",
                             help="also score whether the greedy continuation begins with the answer (*_generated; "
                             "a few tokens per prompt)")
+SkipInvalidOpt = typer.Option(False, "--skip-invalid", help="leave out records that are not valid requests (e.g. "
+                              "an empty new answer) instead of refusing the file; each is listed in the result")
 ShardOpt = typer.Option(None, "--shard", help="k/N: evaluate only the k-th of N contiguous runs of whole batches "
                         "(one machine each); `lmedit eval merge` joins the N result files")
 
@@ -253,7 +264,8 @@ def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = Mode
                                                   "entropy of top-5 samples, 100 tokens) and a greedy variant"),
                      fluency_seed: int = typer.Option(0, "--fluency-seed", help="seed of the fluency samples"),
                      generated: bool = GeneratedOpt,
-                     reuse_values: bool = ReuseOpt, shard: Optional[str] = ShardOpt) -> None:
+                     reuse_values: bool = ReuseOpt, shard: Optional[str] = ShardOpt,
+                     skip_invalid: bool = SkipInvalidOpt) -> None:
     """Edit CounterFact records; score efficacy, generalisation, specificity, edit score (probability comparison:
     mean per-token log-probs as in ROME/MEMIT, and summed as *_summed) and generation-based checks.
 
@@ -263,7 +275,7 @@ def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = Mode
         --batch-size 1 --out rome.json
     """
     _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force, resume, fluency,
-              reuse_values, shard, generated, fluency_seed)
+              reuse_values, shard, generated, fluency_seed, skip_invalid)
 
 
 @eval_app.command("zsre")
@@ -271,7 +283,8 @@ def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, m
               limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
               sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt,
               generated: bool = GeneratedOpt,
-              reuse_values: bool = ReuseOpt, shard: Optional[str] = ShardOpt) -> None:
+              reuse_values: bool = ReuseOpt, shard: Optional[str] = ShardOpt,
+              skip_invalid: bool = SkipInvalidOpt) -> None:
     """Edit zsRE records (MEND format); score token-level top-1 accuracy, specificity (MEMIT's), locality
     (EasyEdit's) and generation-based checks.
 
@@ -280,7 +293,7 @@ def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, m
       lmedit eval zsre --method memit --data zsre-500.json --out memit-zsre.json
     """
     _run_eval("zsre", data, out, model, method, limit, batch_size, sequential, sets, force, resume,
-              reuse_values=reuse_values, shard=shard, generated=generated)
+              reuse_values=reuse_values, shard=shard, generated=generated, skip_invalid=skip_invalid)
 
 
 @eval_app.command("merge")
@@ -361,11 +374,10 @@ def stats_inspect(model: str = ModelOpt,
       lmedit stats inspect --layer 4 --unit documents --n all
     """
     import torch
-    from safetensors import safe_open
 
     from lmedit.models.arch import check_layer
     from lmedit.stats.corpora import get_corpus
-    from lmedit.stats.moments import as_sample, stats_path, whole_if_larger
+    from lmedit.stats.moments import as_sample, cached_stats, stats_path, whole_if_larger
 
     wanted = _sample(unit, n, max_length, seed, tokens)
     lm = _load(model)
@@ -373,11 +385,11 @@ def stats_inspect(model: str = ModelOpt,
     source = get_corpus(corpus)
     wanted = whole_if_larger(as_sample(wanted, lm.model), source)
     path = stats_path(lm.model, layer, source.id, wanted)
-    if not path.is_file():
+    cached = cached_stats(lm.model, layer, source.id, wanted)  # a damaged entry: moved aside, one warning line
+    if cached is None:
         raise InputError(f"no statistics for layer {layer} ({source.id}, {wanted.describe()}); "
                          "run `lmedit stats compute`")
-    with safe_open(str(path), "pt") as f:
-        C, meta = f.get_tensor("C"), f.metadata()
+    C, meta = cached
     eig = torch.linalg.eigvalsh(C)
     table = Table(title=f"C at layer {layer}")
     table.add_column("field")
@@ -396,7 +408,7 @@ def export(patch: Path = typer.Option(..., "--patch", "-p", help="patch director
            gguf_type: str = typer.Option("f32", "--gguf-type", help="type of the edited tensors in a .gguf output: "
                                          "f32 (exact) or f16; the others keep the source's own quantisation"),
            force: bool = typer.Option(False, "--force", help="overwrite an existing output, and apply a delta "
-                                      "larger than any lmedit edit makes (10x its weight's norm)")) -> None:
+                                      "over 1000 times its weight's norm, which no lmedit edit comes near")) -> None:
     """Apply a patch and write the edited model: as a Hugging Face directory, or (OUT ending in .gguf) as a GGUF
     file for llama.cpp-based tools, copied from the GGUF the model was loaded from with the edited tensors
     replaced, and checked by loading it back.

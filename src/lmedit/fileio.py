@@ -1,4 +1,5 @@
-"""Atomic writes and overwrite protection: no half-written file, no user file lost without --force."""
+"""Atomic writes and overwrite protection: no half-written file, no user file lost without --force; cache
+entries verified as they are read, moved aside when damaged, computed under a lock."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -90,7 +92,8 @@ class AtomicDirectory:
 
 
 def _not_text(path: Path, e: UnicodeDecodeError, expected: str) -> InputError:
-    return InputError(f"{path}: not UTF-8 text (undecodable byte at offset {e.start}); expected {expected}")
+    line = e.object[:e.start].count(b"\n") + 1
+    return InputError(f"{path}: not UTF-8 text (undecodable byte on line {line}); expected {expected}")
 
 
 def read_text(path: str | os.PathLike, expected: str = "a text file") -> str:
@@ -125,7 +128,8 @@ def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[in
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise _not_text(path, e, f"JSON lines (line {lineno} is not)") from None
+                raise InputError(f"{path}: not UTF-8 text (undecodable byte on line {lineno}); expected JSON "
+                                 "lines") from None
             if not line.strip():
                 continue
             try:
@@ -137,3 +141,95 @@ def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[in
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file (blank lines skipped); a bad line is an InputError naming its number."""
     return [record for _, record in iter_jsonl(path)]
+
+
+# Caches: an entry is verified as it is read; a damaged one is moved aside (kept for a look, never read again)
+# and recomputed. Computing an entry happens under a lock beside it, so two processes compute it once.
+
+class Damaged(Exception):
+    """A cache entry that does not verify (raised by the reader given to `read_verified`)."""
+
+
+def move_aside(path: str | os.PathLike, reason: str) -> Path | None:
+    """Rename a damaged cache entry (file or directory) to `<name>.damaged-<timestamp>` and say so in one line.
+    None when another process has already moved it; an InputError naming the entry when it cannot be moved."""
+    import time
+
+    from lmedit.errors import warn
+
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    dest = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:
+        return None  # another process that found it damaged moved it first
+    except OSError as e:
+        raise InputError(f"damaged cache entry {path} ({reason}) cannot be moved aside ({e.strerror}); "
+                         "delete it and run again") from None
+    warn(f"damaged cache entry {path} ({reason}); moved aside to {dest.name}, to be computed again")
+    return dest
+
+
+def read_verified(path: str | os.PathLike, read):
+    """`read(path)`, or None when there is no entry or it is damaged: an entry `read` refuses (Damaged, or any
+    error of the parser under it) is moved aside with a one-line warning, never half-trusted; the caller
+    recomputes it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return read(path)
+    except Exception as e:  # noqa: BLE001 - whatever the parser says, the entry is not one to trust
+        move_aside(path, error_line(e))
+        return None
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as a short reason: its first line (safetensors' "Error while deserializing header: " cut)."""
+    text = str(e).strip()
+    return text.splitlines()[0].removeprefix("Error while deserializing header: ") if text else type(e).__name__
+
+
+def tensor_digest(tensors: dict) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a dict of tensors, in name order (a cache entry's
+    content digest, kept in its metadata)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, on_wait=None) -> Iterator[None]:
+    """An exclusive lock (fcntl.flock) on the file `path`, created if needed: held for the block, released on
+    exit or when the process dies (a killed holder leaves no stale lock). `on_wait()` is called once if another
+    process holds it. Where flock is unavailable the block runs unlocked (writers still replace atomically)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from lmedit.errors import InputError
-from lmedit.fileio import atomic_write_bytes, iter_jsonl, read_json
+from lmedit.errors import InputError, warn
+from lmedit.fileio import atomic_write_bytes, iter_jsonl, read_json, read_text
 
 FORMATS = ("counterfact", "rome", "zsre", "jsonl", "auto")
 
@@ -230,7 +230,7 @@ _LMEDIT_KEYS = {f.name for f in fields(EditRequest)}
 
 def _read_records(path: Path) -> tuple[list, list[str]]:
     """Records and their labels: a JSONL file (by suffix) gives line numbers, a JSON list gives indices."""
-    if path.is_file() and not path.read_text(encoding="utf-8").strip():
+    if path.is_file() and not read_text(path, "edit requests (JSON or JSON lines)").strip():
         raise InputError(f"{path} is empty: expected edit requests")
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         numbered = list(iter_jsonl(path))
@@ -259,12 +259,32 @@ def _detect(path: Path, first: Any) -> str:
                      "requests; pass the format explicitly")
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A record left out by skip_invalid: where it was, its id if it had one, and why."""
+
+    where: str
+    case_id: Any
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"where": self.where, "case_id": self.case_id, "reason": self.reason}
+
+
 def load_requests(path: str | os.PathLike, fmt: str = "auto", limit: int | None = None,
-                  accept: tuple[str, ...] | None = None) -> list[EditRequest]:
+                  accept: tuple[str, ...] | None = None, batch: bool = False,
+                  skipped: list[Skipped] | None = None) -> list[EditRequest]:
     """Read and validate edit requests; `limit` keeps the first N (and must not exceed what is there).
+
+    Every record is checked; invalid ones are refused together, one InputError naming each (real files have
+    bad records, e.g. zsRE rows with an empty new answer). Pass a list as `skipped` to leave them out instead:
+    it receives one `Skipped` per record left out, for the caller to report (`eval --skip-invalid`).
 
     fmt is one of counterfact, rome, zsre, jsonl, auto. The container follows the suffix (.jsonl: one
     object per line, otherwise a JSON list); the record format follows `fmt`, or is detected for "auto".
+    batch=True: the requests are edited together (`lmedit edit`), so they are checked as a batch (`check_batch`):
+    duplicates are dropped with a warning, contradictions refused. An evaluation file is a set of separate cases
+    (CounterFact repeats some prompts with other targets), so it is not checked as one batch.
     """
     if fmt not in FORMATS:
         raise InputError(f"unknown requests format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -283,12 +303,89 @@ def load_requests(path: str | os.PathLike, fmt: str = "auto", limit: int | None 
     if accept is not None and fmt not in accept:
         raise InputError(f"{path} holds {fmt} records, but this command expects {' or '.join(accept)} data")
     reader = _READERS[fmt]
-    requests = []
+    requests, kept, bad = [], [], []
     for i, (rec, where) in enumerate(zip(records, labels)):
-        request = reader(rec, i, where)
-        request.validate(where)
+        try:
+            request = reader(rec, i, where)
+            request.validate(where)
+        except InputError as e:
+            if not bad:
+                first_message = str(e)  # as it was raised: the error when it is the only one
+            case_id = rec.get("case_id", i) if isinstance(rec, dict) else i
+            bad.append(Skipped(where, case_id, str(e).removeprefix(f"{where}: ")))
+            continue
         requests.append(request)
-    return requests
+        kept.append(where)
+    if bad and skipped is None:
+        if len(bad) == 1:
+            raise InputError(first_message)
+        listed = "; ".join(f"{b.where.removeprefix(str(path) + ' ')}: {b.reason}" for b in bad)
+        raise InputError(f"{path}: {len(bad)} invalid records ({listed}); fix them, or pass --skip-invalid "
+                         "to leave them out (they are listed in the result)")
+    if skipped is not None:
+        skipped.extend(bad)
+        if not requests:
+            raise InputError(f"{path}: every one of its {len(bad)} records is invalid, e.g. {bad[0].where}: "
+                             f"{bad[0].reason}")
+    return check_batch(requests, kept) if batch else requests
+
+
+# ---------------------------------------------------------------- requests edited together
+
+SHOWN = 5  # warnings of one kind shown one by one; the rest are counted in one more line
+
+
+def _warn_each(messages: list[str], rest: str) -> None:
+    for message in messages[:SHOWN]:
+        warn(message)
+    if len(messages) > SHOWN:
+        warn(f"{len(messages) - SHOWN} more {rest}")
+
+
+def occurrences(text: str, part: str) -> int:
+    """How many times `part` occurs in `text`, overlapping ones included."""
+    return sum(text.startswith(part, i) for i in range(len(text) - len(part) + 1)) if part else 0
+
+
+def warn_repeated_subjects(requests: list[EditRequest], labels: list[str] | None = None) -> None:
+    """A warning for each request whose subject occurs more than once in its prompt: the edit reads its key at
+    the last occurrence (EditRequest.template, locate.prompts.subject_tokens), and the user should know."""
+    labels = labels or [f"request {i}" for i in range(len(requests))]
+    found = [(where, r, occurrences(r.prompt, r.subject)) for where, r in zip(labels, requests)]
+    _warn_each([f"{where}: subject {r.subject!r} occurs {n} times in the prompt; editing the last occurrence"
+                for where, r, n in found if n > 1], "requests whose subject occurs more than once in the prompt")
+
+
+def check_batch(requests: list[EditRequest], labels: list[str] | None = None) -> list[EditRequest]:
+    """Requests to be edited together, checked as a batch; returns the ones to edit.
+
+    Two requests with the same prompt and subject ask for one fact: with the same target_new (compared without
+    surrounding spaces) the later one is a duplicate, dropped with a warning naming both; with different targets
+    they contradict each other, and the batch is refused (InputError naming both; one edit cannot make the model
+    say two things). A subject that occurs more than once in its prompt is warned about (warn_repeated_subjects).
+    `labels` name the requests in messages (`FILE line N`, as load_requests makes them); default `request I`.
+    """
+    labels = labels or [f"request {i}" for i in range(len(requests))]
+    first: dict[tuple[str, str], int] = {}
+    kept, duplicates, contradictions = [], [], []
+    for i, r in enumerate(requests):
+        j = first.setdefault((r.prompt, r.subject), i)
+        if j == i:
+            kept.append(i)
+        elif requests[j].target_new.strip() == r.target_new.strip():
+            duplicates.append(f"{labels[i]}: duplicate of {labels[j]} (same prompt, subject and target_new); dropped")
+        else:
+            contradictions.append((i, j))
+    if contradictions:
+        i, j = contradictions[0]
+        more = f" ({len(contradictions) - 1} more such pairs)" if len(contradictions) > 1 else ""
+        raise InputError(f"{labels[i]} contradicts {labels[j]}: the same prompt and subject {requests[i].subject!r} "
+                         f"with target_new {requests[i].target_new!r} and {requests[j].target_new!r}; keep one of "
+                         f"them{more}")
+    _warn_each(duplicates, "duplicate requests dropped")
+    kept_requests = [requests[i] for i in kept]
+    warn_repeated_subjects(kept_requests, [labels[i] for i in kept])
+    return kept_requests
 
 
 def save_requests(path: str | os.PathLike, requests: list[EditRequest]) -> None:

@@ -1,7 +1,8 @@
 """Editors: each method registers a config dataclass and a function `edit(model, tokenizer, requests, config)`.
 
 The CLI's --method choices come from this registry; `make_config` fills per-model defaults and applies
---set overrides, rejecting unknown keys with the list of valid ones.
+--set overrides, rejecting unknown keys with the list of valid ones, values outside the range a setting declares
+(lmedit.settings) with that range, and layers the model does not have with the ones it has.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lmedit.errors import InputError
+from lmedit.settings import SettingError, setting_of
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,11 @@ def optional_float(value, name: str) -> float | None:
     return value
 
 
-def _coerce(value: Any, current: Any, key: str):
+def _coerce(value: Any, current: Any, key: str, setting=None):
+    """A --set string (or a defaults-table value) as the field's type. A declared setting parses it (and the config
+    checks its range); an undeclared field (e.g. the canonical settings) is parsed by the type of its current value."""
+    if setting is not None:
+        return setting.parse(key, value)
     if isinstance(value, str) and not isinstance(current, str):
         text = value.strip()
         try:
@@ -84,7 +90,8 @@ def _coerce(value: Any, current: Any, key: str):
 
 
 def apply_overrides(config, overrides: dict[str, Any]):
-    """Return a copy of `config` with dotted keys set (e.g. 'value.lr'); unknown keys are an InputError."""
+    """Return a copy of `config` with dotted keys set (e.g. 'value.lr'); unknown keys are an InputError, and so is
+    a value outside what the setting accepts (lmedit.settings), named by its dotted key: `value.steps must be ...`."""
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         fields = {f.name for f in dataclasses.fields(config)}
@@ -94,18 +101,26 @@ def apply_overrides(config, overrides: dict[str, Any]):
         if rest:
             if not dataclasses.is_dataclass(current):
                 raise InputError(f"setting {head!r} has no sub-settings")
-            config = dataclasses.replace(config, **{head: apply_overrides(current, {rest: value})})
+            try:
+                inner = apply_overrides(current, {rest: value})
+            except SettingError as e:
+                raise e.under(head) from None
+            config = dataclasses.replace(config, **{head: inner})
         else:
             if dataclasses.is_dataclass(current):
                 raise InputError(f"{head!r} is a group of settings; set one of them, e.g. {head}.<name>")
-            config = dataclasses.replace(config, **{head: _coerce(value, current, key)})
+            config = dataclasses.replace(config, **{head: _coerce(value, current, key, setting_of(type(config), head))})
     return config
 
 
 def make_config(method: str, model_name: str, model, overrides: dict[str, Any] | None = None):
     """The method's config: dataclass defaults, then the per-model defaults table, then the user's --set."""
     from lmedit.editors.defaults import defaults_for
+    from lmedit.models.arch import check_layer
 
     editor = get_editor(method)
     config = apply_overrides(editor.config_cls(), defaults_for(method, model_name, model))
-    return apply_overrides(config, overrides or {})
+    config = apply_overrides(config, overrides or {})
+    for layer in getattr(config, "layers", ()):  # the declaration checks the type; the model knows its depth
+        check_layer(model, layer)
+    return config

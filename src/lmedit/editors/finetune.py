@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from lmedit import __version__
 from lmedit.checkpoints import adam_tensors, load_state, restore_adam, save_state
-from lmedit.editors import optional_float, register_editor
+from lmedit.editors import register_editor
 from lmedit.editors.augment import Example, build_examples
 from lmedit.editors.budget import Budget
 from lmedit.errors import EditFailure, InputError
@@ -47,6 +47,7 @@ from lmedit.locate.prompts import encode, with_target
 from lmedit.models.arch import arch_for, block, check_layer, get_module, num_layers
 from lmedit.patches import Delta, Patch, compose, fingerprint
 from lmedit.requests import EditRequest
+from lmedit.settings import check_settings, choice, flag, integer, layer_list, number
 
 KL_TEXT = (  # generic sentences about nothing an edit should touch
     "The weather today is mild, with a light breeze coming in from the west.",
@@ -55,42 +56,50 @@ KL_TEXT = (  # generic sentences about nothing an edit should touch
     "The meeting was moved to Thursday afternoon because of the holiday.",
     "He bought bread, cheese and apples at the market on the corner.",
 )
+MODES = ("mass", "single")
 ROLES = ("mlp_out", "mlp_in", "attn_out")  # module roles of the architecture table, at each of `layers`
 DIVERGED = 1e4  # ‖W‖ above this many times its initial norm: no edit needs that, the step size is wrong
 
 
 @dataclass
 class TrainConfig:
-    """Knobs of the shared training loop (ft, ft-conditional, lora). Per-model defaults: `editors.defaults`."""
+    """Knobs of the shared training loop (ft, ft-conditional, lora). Per-model defaults: `editors.defaults`. Each
+    numeric field declares what it accepts (lmedit.settings), checked whenever a config is made."""
 
-    layers: tuple[int, ...] = ()  # layers whose modules train; () = the locate defaults (MEMIT's edit layers)
+    layers: tuple[int, ...] = layer_list(())  # layers whose modules train; () = the locate defaults (MEMIT's layers)
     modules: tuple[str, ...] | None = None  # None = MLP output projections of `layers`; roles, module names, ("all",)
-    lr: float = 5e-4  # Adam: each step moves a weight by at most about lr
-    epochs: int = 10  # passes over the augmented training set (early stopping usually ends sooner)
-    batch_size: int = 16  # examples per optimiser step
-    seed: int = 0  # shuffling, prefix generation and the augmentation draws
-    mode: Literal["mass", "single"] = "mass"  # mass: edits together in shuffled batches; single: each alone, summed
-    n_paraphrases: int = 0  # m: random prefix + prompt → target_new, per edit (generalisation)
-    prefix_pool: int = 20  # prefixes generated once per call; each edit draws its m from them
-    prefix_length: int = 10  # tokens per generated prefix
-    n_random_facts: int = 0  # r: unrelated prompt → true answer, per edit (locality)
+    lr: float = number(5e-4, gt=0)  # Adam: each step moves a weight by at most about lr
+    epochs: int = integer(10, ge=1)  # passes over the augmented training set (early stopping usually ends sooner)
+    batch_size: int = integer(16, ge=1)  # examples per optimiser step
+    seed: int = integer(0, ge=0)  # shuffling, prefix generation and the augmentation draws
+    mode: Literal["mass", "single"] = choice("mass", MODES)  # mass: edits together in shuffled batches; single: alone
+    n_paraphrases: int = integer(0, ge=0)  # m: random prefix + prompt → target_new, per edit (generalisation)
+    prefix_pool: int = integer(20, ge=1)  # prefixes generated once per call; each edit draws its m from them
+    prefix_length: int = integer(10, ge=1)  # tokens per generated prefix
+    n_random_facts: int = integer(0, ge=0)  # r: unrelated prompt → true answer, per edit (locality)
     facts_file: str | None = None  # the fact pool: None = built-in (editors.fact_pool); a requests file (target_true
     # used); "requests" = the other requests' true facts (single mode only). Never a fact about an edited subject
-    augment: bool = True  # False: no paraphrases nor facts, whatever n_paraphrases / n_random_facts say
-    kl_factor: float = 0.0  # β on KL(p₀ ‖ p_θ) over kl_text; 0 = off
+    augment: bool = flag(True)  # False: no paraphrases nor facts, whatever n_paraphrases / n_random_facts say
+    kl_factor: float = number(0.0, ge=0)  # β on KL(p₀ ‖ p_θ) over kl_text; 0 = off
     kl_text: tuple[str, ...] = KL_TEXT  # unrelated text the KL term keeps as it was
-    stop_prob: float | None = 0.9  # stop once every edit's P(target_new | prompt) exceeds this; None or 1 = off
-    patience: int = 3  # stop after this many epochs without `min_improvement` of the epoch loss; 0 = off
-    min_improvement: float = 0.01  # relative drop of the epoch loss that counts as progress
-    budget: float | None = None  # ε: stop once general-text loss > (1 + ε) × before; keep the last epoch within it
+    # stop once every edit's P(target_new | prompt) exceeds this; None or 1 = off
+    stop_prob: float | None = number(0.9, gt=0, le=1, none=True)
+    patience: int = integer(3, ge=0)  # stop after this many epochs without `min_improvement` of the epoch loss; 0 = off
+    min_improvement: float = number(0.01, ge=0)  # relative drop of the epoch loss that counts as progress
+    # ε: stop once general-text loss > (1 + ε) × before; keep the last epoch within it; None = off
+    budget: float | None = number(None, ge=0, none=True)
     budget_corpus: str = "wiki"  # the general text of the budget: 'wiki' (offline default) or a text/JSONL file
-    budget_docs: int = 32  # its first N documents are measured after every epoch
-    budget_tokens: int = 128  # each cut to this many tokens
+    budget_docs: int = integer(32, ge=1)  # its first N documents are measured after every epoch
+    budget_tokens: int = integer(128, ge=2)  # each cut to this many tokens (a loss needs two)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    norm_constraint: float | None = None  # ε: after every step clamp W to W₀ ± ε elementwise; None = off
+    # ε: after every step clamp W to W₀ ± ε elementwise; None = off
+    norm_constraint: float | None = number(None, gt=0, none=True)
 
 
 @dataclass
@@ -104,7 +113,8 @@ class ConditionalConfig(FinetuneConfig):
 # ------------------------------------------------------------------------------------------------ configuration
 
 def prepare(config: TrainConfig, model) -> TrainConfig:
-    """A checked copy with `layers` resolved and strings from --set parsed; bad values are an InputError."""
+    """A checked copy with `layers` resolved and `modules` parsed; bad values are an InputError (the ranges declared
+    above are checked again by `replace`, so a config changed since it was made is caught too)."""
     from lmedit.editors.defaults import defaults_for
 
     layers = tuple(config.layers) or tuple(defaults_for("memit", model.config.model_type, model)["layers"])
@@ -115,30 +125,9 @@ def prepare(config: TrainConfig, model) -> TrainConfig:
     modules = config.modules
     if isinstance(modules, str):
         modules = tuple(m.strip() for m in modules.split(",") if m.strip())
-    config = replace(config, layers=layers, modules=tuple(modules) if modules else None,
-                     stop_prob=optional_float(config.stop_prob, "stop_prob"), budget=optional_float(config.budget, "budget"))
+    config = replace(config, layers=layers, modules=tuple(modules) if modules else None)
     if not config.augment:
         config = replace(config, n_paraphrases=0, n_random_facts=0)
-    if config.budget is not None and not (math.isfinite(config.budget) and config.budget >= 0):
-        raise InputError(f"budget (ε) must be a finite number >= 0 or none, got {config.budget}")
-    if config.budget_tokens < 2:
-        raise InputError(f"budget_tokens must be at least 2, got {config.budget_tokens}")
-    if isinstance(config, FinetuneConfig):
-        config = replace(config, norm_constraint=optional_float(config.norm_constraint, "norm_constraint"))
-        if config.norm_constraint is not None and config.norm_constraint <= 0:
-            raise InputError(f"norm_constraint (ε) must be positive or none, got {config.norm_constraint}")
-    if not (math.isfinite(config.lr) and config.lr > 0):
-        raise InputError(f"lr must be a positive finite number, got {config.lr}")
-    for name in ("epochs", "batch_size", "prefix_pool", "prefix_length", "budget_docs"):
-        if getattr(config, name) < 1:
-            raise InputError(f"{name} must be at least 1, got {getattr(config, name)}")
-    for name in ("n_paraphrases", "n_random_facts", "patience", "kl_factor", "min_improvement"):
-        if getattr(config, name) < 0:
-            raise InputError(f"{name} must not be negative, got {getattr(config, name)}")
-    if config.mode not in ("mass", "single"):
-        raise InputError(f"mode must be 'mass' or 'single', got {config.mode!r}")
-    if config.stop_prob is not None and not 0 < config.stop_prob <= 1:
-        raise InputError(f"stop_prob must lie in (0, 1] or be none, got {config.stop_prob}")
     trainable_parameters(model, config.layers, config.modules)  # an unknown module name fails here, before any work
     if config.kl_factor > 0 and not config.kl_text:
         raise InputError("kl_factor > 0 needs some kl_text")

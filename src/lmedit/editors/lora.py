@@ -22,6 +22,7 @@ from lmedit.editors.finetune import TrainConfig, resolve_modules, run_editor, tr
 from lmedit.errors import InputError, LmeditError
 from lmedit.models.arch import arch_for, get_module
 from lmedit.patches import Delta
+from lmedit.settings import choice, integer, number
 
 ADAPTER = "lmedit"
 
@@ -29,9 +30,10 @@ ADAPTER = "lmedit"
 @dataclass
 class LoraEditConfig(TrainConfig):
     lr: float = 1e-3  # adapters start at zero and are small: a larger step than full fine-tuning
-    rank: int = 8  # r: inner dimension of B A (the patch stores r (in + out) numbers per module)
-    alpha: float = 16.0  # ΔW = (alpha / r) B A
-    loss: Literal["conditional", "full"] = "conditional"  # target tokens only (ft-conditional) or all (ft)
+    rank: int = integer(8, ge=1)  # r: inner dimension of B A (the patch stores r (in + out) numbers per module)
+    alpha: float = number(16.0, gt=0)  # ΔW = (alpha / r) B A
+    # target tokens only (ft-conditional) or all (ft)
+    loss: Literal["conditional", "full"] = choice("conditional", ("conditional", "full"))
 
 
 def _is_adapter(module: nn.Module) -> bool:
@@ -109,10 +111,6 @@ def _train_lora(model, tokenizer, examples, config: LoraEditConfig, conditional:
 
 
 def edit(model, tokenizer, requests, config: LoraEditConfig, progress: bool = True, announce=print):
-    if config.rank < 1 or not config.alpha > 0:
-        raise InputError(f"LoRA needs rank >= 1 and alpha > 0, got rank={config.rank}, alpha={config.alpha}")
-    if config.loss not in ("conditional", "full"):
-        raise InputError(f"loss must be 'conditional' or 'full', got {config.loss!r}")
     return run_editor(model, tokenizer, requests, config, "lora", config.loss == "conditional", _train_lora,
                       progress)
 

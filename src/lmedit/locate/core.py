@@ -20,39 +20,49 @@ import torch
 from lmedit import __version__
 from lmedit.errors import InputError
 from lmedit.locate.context import context_templates
-from lmedit.locate.keys import read_at_subject, template_weights, working_precision
+from lmedit.locate.keys import KEY_AVERAGES, read_at_subject, working_precision
 from lmedit.locate.solvers import equality_constrained, least_squares
 from lmedit.locate.value_store import find_values
 from lmedit.locate.values import ValueConfig
-from lmedit.locate.sites import check_site, residual_to_weight_space
+from lmedit.locate.sites import residual_to_weight_space
 from lmedit.models.arch import arch_for, check_layer, mlp_out_module, mlp_out_name, mlp_out_norm_module
 from lmedit.patches import Delta, Patch, fingerprint
 from lmedit.requests import EditRequest
+from lmedit.settings import check_settings, choice, flag, integer, layer_list, number
 from lmedit.stats.moments import load_or_compute
+from lmedit.stats.sampling import ALL, Sample
+
+SOLVERS = ("least_squares", "equality")
 
 
 @dataclass
 class LocateConfig:
     """Knobs shared by ROME, MEMIT and EMMET. Per-model defaults come from `editors.defaults`."""
 
-    layers: tuple[int, ...] = (4,)  # the MLP output projections to edit; v* is found at the last
-    solver: Literal["least_squares", "equality"] = "least_squares"
-    mom2_weight: float = 15000.0  # λ: how strongly C (general-text keys) is preserved
-    mu: float = 0.0  # equality solver: ridge on KᵀC⁻¹K (EMMET needs > 0 for large batches)
-    identity_cov: bool = False  # use C = I instead of statistics (must be asked for; recorded in the patch)
+    layers: tuple[int, ...] = layer_list((4,))  # the MLP output projections to edit; v* is found at the last
+    solver: Literal["least_squares", "equality"] = choice("least_squares", SOLVERS)
+    mom2_weight: float = number(15000.0, ge=0)  # λ: how strongly C (general-text keys) is preserved
+    mu: float = number(0.0, ge=0)  # equality solver: ridge on KᵀC⁻¹K (EMMET needs > 0 for large batches)
+    identity_cov: bool = flag(False)  # use C = I instead of statistics (must be asked for; recorded in the patch)
     stats_corpus: str = "wiki"  # corpus for C: 'wiki', a text/JSONL file, or hf:NAME
-    stats_unit: str = "tokens"  # what stats_n counts: 'documents' or 'tokens' (documents drawn at random, seeded)
-    stats_n: int | str = "100000"  # how many, or 'all' (the whole corpus); text so that --set stats_n=all works
-    stats_max_length: int = 1024  # tokens kept at the start of each document (bounded by the model's context)
-    stats_seed: int = 1  # the shuffle the documents are drawn in (1: the reference code's)
-    stats_tokens: int | None = None  # old spelling of stats_unit=tokens, stats_n=N; wins when set
-    n_context: int = 5  # random model-written prefixes for k* and v* (plus the bare prompt)
-    key_average: str = "by_kind"  # k*: bare prompt ½, prefixed ones ½ (MEMIT); "uniform" (ROME), keys.py
-    context_length: int = 10  # tokens per prefix
-    seed: int = 0
+    stats_unit: str = "tokens"  # what stats_n counts: 'documents' or 'tokens' (checked by stats.sampling.Sample)
+    # how many, or 'all' (the whole corpus); text so that --set stats_n=all works
+    stats_n: int | str = integer("100000", ge=1, words=(ALL,), text=True)
+    stats_max_length: int = integer(1024, ge=1)  # tokens kept at the start of each document (bounded by the context)
+    stats_seed: int = integer(1, ge=0)  # the shuffle the documents are drawn in (1: the reference code's)
+    stats_tokens: int | None = integer(None, ge=1, none=True)  # old spelling of stats_unit=tokens, stats_n=N; wins
+    n_context: int = integer(5, ge=0)  # random model-written prefixes for k* and v* (plus the bare prompt)
+    key_average: str = choice("by_kind", KEY_AVERAGES)  # k*: bare prompt ½, prefixed ones ½ (MEMIT); "uniform" (ROME)
+    context_length: int = integer(10, ge=1)  # tokens per prefix
+    seed: int = integer(0, ge=0)
     value: ValueConfig = field(default_factory=ValueConfig)
 
+    def __post_init__(self) -> None:
+        check_settings(self)  # each field's range, as declared above (lmedit.settings)
+        Sample.from_config(self)  # stats_unit, and the stats_* settings together, as the statistics read them
+
     def validate(self, model) -> None:
+        check_settings(self)  # again: the config may have been changed since it was made
         if not arch_for(model).kv_cache:  # v* runs its suffixes on the context prefixes' cached keys/values
             raise InputError(f"ROME, MEMIT and EMMET need a model with a KV cache; {arch_for(model).model_type} "
                              "has none (edit it with ft, ft-conditional, lora or, for a Backpack, senses)")
@@ -62,15 +72,9 @@ class LocateConfig:
             check_layer(model, l)
         if list(self.layers) != sorted(set(self.layers)):
             raise InputError(f"edit layers must be distinct and increasing, got {list(self.layers)}")
-        check_site(self.value.site)
-        template_weights(["{}"], self.key_average)  # an unknown average is an error before any work
         if self.value.site == "mlp_out" and len(self.layers) > 1:
             raise InputError("value.site=mlp_out reads z at W's output, which misses what earlier edit layers write "
                              "into the residual stream; spread over several layers with value.site=residual")
-        for name in ("mom2_weight", "mu"):
-            v = getattr(self, name)
-            if not (v == v and abs(v) != float("inf")) or v < 0:
-                raise InputError(f"{name} must be a finite non-negative number, got {v}")
         if self.solver == "least_squares" and self.mom2_weight == 0:
             raise InputError("mom2_weight (λ) must be positive for the least-squares solver")
 

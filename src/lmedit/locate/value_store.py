@@ -11,8 +11,10 @@ evaluation of the same sequence) pass through the same states and reuse every v*
 
 Entries are small safetensors files under `cache_dir()/values/<hash of all weights>/` for the model the store
 was opened on, and `.../edited/<hash of its MLP outputs>/` for edited states, written atomically,
-so they also survive across runs. Batched and one-by-one optimisation agree exactly in float64 and to float32
-rounding otherwise (see the values tests); a run records how many v* it reused.
+so they also survive across runs. Each names its key and model state and carries a digest of its tensors; an
+entry that does not verify as it is read is moved aside with a one-line warning and computed again. Batched
+and one-by-one optimisation agree exactly in float64 and to float32 rounding otherwise (see the values tests);
+a run records how many v* it reused.
 """
 
 from __future__ import annotations
@@ -25,11 +27,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from safetensors import safe_open
 
-from lmedit.fileio import atomic_write_bytes
+from lmedit.fileio import Damaged, atomic_save_tensors, read_verified, tensor_digest
 from lmedit.locate.values import ValueConfig, Values, compute_values
 from lmedit.models.arch import mlp_out_name, num_layers
 from lmedit.patches import fingerprint
@@ -75,13 +75,11 @@ class ValueStore:
             return self.memory[state, key]
         folder = self._dir(state)
         path = None if folder is None else folder / f"{key}.safetensors"
-        if path is None or not path.is_file():
+        if path is None:
             return None
-        try:
-            entry = load_tensors(path.read_bytes())
-        except SafetensorError:
-            return None  # a damaged cache entry is recomputed, never trusted
-        self.memory[state, key] = entry
+        entry = read_verified(path, lambda p: _read_entry(p, state, key))  # a damaged one: moved aside, None
+        if entry is not None:
+            self.memory[state, key] = entry
         return entry
 
     def put(self, state: str, key: str, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,7 +87,8 @@ class ValueStore:
         self.memory[state, key] = entry
         folder = self._dir(state)
         if folder is not None:
-            atomic_write_bytes(folder / f"{key}.safetensors", save_tensors(entry))
+            atomic_save_tensors(folder / f"{key}.safetensors", entry,
+                                metadata={"key": key, "state": state, "sha256": tensor_digest(entry)})
         return entry
 
     def values(self, model, tokenizer, requests: list[EditRequest], layer: int, templates: list[str],
@@ -113,6 +112,29 @@ class ValueStore:
         stack = lambda name: torch.stack([found[k][name] for k in keys]).to(device)  # noqa: E731
         return Values(v0=stack("v0"), delta=stack("delta"), target_prob=stack("target_prob").cpu(),
                       steps=stack("steps").cpu())
+
+
+ENTRY = ("delta", "steps", "target_prob", "v0")
+
+
+def _read_entry(path: Path, state: str, key: str) -> dict[str, torch.Tensor]:
+    """A stored v*, verified: its four tensors, v0 and δ vectors of one size, all finite, its metadata (entries
+    written before metadata was kept have none) naming this key and state, its digest matching (raises Damaged)."""
+    with safe_open(str(path), "pt") as f:
+        entry, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    if tuple(sorted(entry)) != ENTRY:
+        raise Damaged(f"holds {sorted(entry)}, expected {list(ENTRY)}")
+    v0, delta = entry["v0"], entry["delta"]
+    if v0.dim() != 1 or v0.shape != delta.shape or entry["target_prob"].numel() != 1 or entry["steps"].numel() != 1:
+        raise Damaged(f"v0 {tuple(v0.shape)}, delta {tuple(delta.shape)}: expected two vectors of one size")
+    if not all(bool(torch.isfinite(t).all()) for t in entry.values()):
+        raise Damaged("it has non-finite values")
+    for field, want in (("key", key), ("state", state)):
+        if field in meta and meta[field] != want:
+            raise Damaged(f"its metadata has {field}={meta[field]!r}, expected {want!r}")
+    if "sha256" in meta and tensor_digest(entry) != meta["sha256"]:
+        raise Damaged("its content does not match its digest")
+    return entry
 
 
 @contextmanager

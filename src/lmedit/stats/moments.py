@@ -14,6 +14,12 @@ each entry) and added to a float64 running sum, so the hot loop costs one matrix
 long sum keeps full precision. The pass stops after the highest requested layer (the layers above do not
 change the keys). Sums are checkpointed every few batches, with the index of the next batch of the plan, so an
 interrupted pass resumes where it stopped; C itself is cached per (model fingerprint, corpus, layer, sample).
+
+A cache entry or checkpoint is verified as it is read (it parses; C is float64 (d_in, d_in), finite and
+symmetric; its metadata names the layer, corpus, sample and model of its path; its content digest matches);
+one that does not is moved aside with a one-line warning and recomputed. The pass runs under a lock beside the
+entries (fcntl.flock, released even when the process is killed), and a process that waited for it reads what
+the other one wrote; every file is written under a temporary name and renamed, so none is ever half-written.
 """
 
 from __future__ import annotations
@@ -21,17 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from lmedit.errors import InputError
-from lmedit.fileio import atomic_save_tensors
+from lmedit.fileio import Damaged, atomic_save_tensors, file_lock, read_verified, tensor_digest
 from lmedit.locate.batching import right_pad
 from lmedit.models.arch import check_layer, mlp_out_dims, mlp_out_module
 from lmedit.models.hooks import capture_io, run_until_stop
@@ -145,11 +151,14 @@ def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpu
     rank, world = shard()
     if checkpoint is not None and world > 1:
         checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}-of-{world}{checkpoint.suffix}")
-    if checkpoint is not None and checkpoint.is_file():
-        state = load_file(checkpoint)
-        if int(state["plan_batches"].item()) == len(plan) and int(state["plan_tokens"].item()) == total:
+    state = None if checkpoint is None else read_verified(checkpoint, lambda p: _read_checkpoint(p, layers, d_in))
+    if state is not None and int(state["plan_batches"].item()) == len(plan) and \
+            int(state["plan_tokens"].item()) == total:  # (a checkpoint of another plan is not mixed in)
+        count, start = int(state["count"].item()), int(state["next_batch"].item())
+        if 0 <= start <= len(plan) and count == sum(m for batch in plan[:start] for _, m in batch):
             sums = {l: state[f"sum.{l}"].to(device) for l in layers}
-            count, start = int(state["count"].item()), int(state["next_batch"].item())
+        else:
+            count, start = 0, 0
     bar = tqdm(total=total, initial=count, desc=f"statistics ({corpus.id}, layers {layers})", unit="tok",
                disable=not progress or rank != 0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -206,10 +215,73 @@ def shard() -> tuple[int, int]:
 
 
 def _save_checkpoint(path: Path, sums, count: int, next_batch: int, plan, total: int) -> None:
-    state = {f"sum.{l}": s for l, s in sums.items()}
+    state = {f"sum.{l}": s.detach().cpu() for l, s in sums.items()}
     state.update({"count": torch.tensor([count]), "next_batch": torch.tensor([next_batch]),
                   "plan_batches": torch.tensor([len(plan)]), "plan_tokens": torch.tensor([total])})
-    atomic_save_tensors(path, state)
+    atomic_save_tensors(path, state, metadata={"sha256": tensor_digest(state)})
+
+
+def _check_square(name: str, t: torch.Tensor, d: int) -> None:
+    """A float64 (d, d) matrix of finite values, symmetric up to rounding (raises Damaged)."""
+    if t.dtype != torch.float64 or tuple(t.shape) != (d, d):
+        raise Damaged(f"{name} is {t.dtype} {tuple(t.shape)}, expected torch.float64 {(d, d)}")
+    if not bool(torch.isfinite(t).all()):
+        raise Damaged(f"{name} has non-finite values")
+    if float((t - t.T).abs().max()) > 1e-6 * float(t.abs().max()):
+        raise Damaged(f"{name} is not symmetric")
+
+
+def _check_digest(tensors: dict, meta: dict | None) -> None:
+    if meta and "sha256" in meta and tensor_digest(tensors) != meta["sha256"]:
+        raise Damaged("its content does not match its digest")
+
+
+def _read_checkpoint(path: Path, layers: list[int], d_in: int) -> dict:
+    with safe_open(str(path), "pt") as f:
+        state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    wanted = [f"sum.{l}" for l in layers] + ["count", "next_batch", "plan_batches", "plan_tokens"]
+    if sorted(state) != sorted(wanted):
+        raise Damaged(f"holds {sorted(state)}, expected {sorted(wanted)}")
+    for l in layers:
+        _check_square(f"sum.{l}", state[f"sum.{l}"], d_in)
+    _check_digest(state, meta)
+    return state
+
+
+def _stats_metadata(fingerprint: str, layer: int, corpus_id: str, sample: Sample) -> dict[str, str]:
+    """What an entry was computed from, as its metadata records it (and its path names it)."""
+    return {"layer": str(layer), "corpus": corpus_id, "unit": sample.unit, "n": str(sample.n or "all"),
+            "max_length": str(sample.max_length), "seed": str(sample.seed), "model": fingerprint}
+
+
+def _read_stats(path: Path, expected: dict[str, str], sample: Sample, d_in: int) -> tuple[torch.Tensor, dict]:
+    """(C, metadata) of a cache entry, verified against what its path says it is (raises Damaged)."""
+    with safe_open(str(path), "pt") as f:
+        names, meta = list(f.keys()), f.metadata() or {}
+        if names != ["C"]:
+            raise Damaged(f"holds tensors {names}, expected one tensor 'C'")
+        C = f.get_tensor("C")
+    _check_square("C", C, d_in)
+    for field, want in expected.items():
+        if meta.get(field) != want:
+            raise Damaged(f"its metadata has {field}={meta.get(field)!r}, expected {want!r}")
+    for field in ("n_tokens", "n_documents"):
+        if not meta.get(field, "").isdigit() or int(meta[field]) < 1:
+            raise Damaged(f"its metadata has {field}={meta.get(field)!r}, expected a positive count")
+    if sample.unit == "tokens" and sample.n is not None and int(meta["n_tokens"]) != sample.n:
+        raise Damaged(f"it counts {meta['n_tokens']} tokens, its name {sample.n}")
+    _check_digest({"C": C}, meta)
+    return C, meta
+
+
+def cached_stats(model: nn.Module, layer: int, corpus_id: str, sample) -> tuple[torch.Tensor, dict] | None:
+    """(C, metadata) of a layer's cache entry, verified; None when there is none, or it was damaged (then moved
+    aside with a one-line warning, for the caller to recompute). `sample` as it runs on this corpus."""
+    sample = as_sample(sample, model)
+    expected = _stats_metadata(model_fingerprint(model), layer, corpus_id, sample)
+    d_in = mlp_out_dims(model, check_layer(model, layer))[1]
+    return read_verified(stats_path(model, layer, corpus_id, sample),
+                         lambda p: _read_stats(p, expected, sample, d_in))
 
 
 def load_or_compute(model: nn.Module, tokenizer, layers: list[int], corpus_spec: str = "wiki",
@@ -224,37 +296,61 @@ def load_or_compute(model: nn.Module, tokenizer, layers: list[int], corpus_spec:
     sample = as_sample(Sample() if sample is None else sample, model)  # a bad setting fails before any reading
     corpus = get_corpus(corpus_spec)
     sample = whole_if_larger(sample, corpus)
-    out, missing, counts = {}, [], None
-    for l in sorted(set(layers)):
-        path = stats_path(model, l, corpus.id, sample)
-        if path.is_file():
-            with safe_open(str(path), "pt") as f:
-                out[l], meta = f.get_tensor("C"), f.metadata()
-            counts = int(meta["n_tokens"]), int(meta["n_documents"])
-        else:
-            missing.append(l)
-    if missing:
-        if not compute:
-            raise InputError(f"no cached statistics for layers {missing} ({corpus.id}, {sample.describe()}); "
-                             "run `lmedit stats compute` first")
-        announce(f"computing key statistics for layers {missing} over {sample.describe()} of {corpus.id} "
-                 f"(cached under {cache_dir() / 'stats'})")
-        resume = stats_path(model, missing[0], corpus.id, sample).with_name(
-            f"partial_{'-'.join(map(str, missing))}_{sample.key}.safetensors")
-        computed = compute_second_moments(model, tokenizer, missing, corpus, sample, checkpoint=resume,
-                                          progress=progress)
-        counts = computed.n_tokens, computed.n_documents
-        rank, world = shard()
-        for l, C in computed.items():
-            out[l] = C
-            if rank != 0:
-                continue  # every rank holds C; one writes it
-            atomic_save_tensors(stats_path(model, l, corpus.id, sample), {"C": C}, metadata={
-                "layer": str(l), "corpus": corpus.id, "unit": sample.unit, "n": str(sample.n or "all"),
-                "max_length": str(sample.max_length), "seed": str(sample.seed), "n_tokens": str(counts[0]),
-                "n_documents": str(counts[1]), "model": model_fingerprint(model)})
-        if world > 1:
-            import torch.distributed as dist
+    out, counts = {}, None
 
-            dist.barrier()  # the cache is complete before any rank goes on
+    def read_cache(wanted: list[int]) -> list[int]:
+        """Fill `out` with the layers cached (verified); return the others."""
+        nonlocal counts
+        missing = []
+        for l in wanted:
+            got = cached_stats(model, l, corpus.id, sample)
+            if got is None:
+                missing.append(l)
+            else:
+                out[l], counts = got[0], (int(got[1]["n_tokens"]), int(got[1]["n_documents"]))
+        return missing
+
+    missing = read_cache(sorted(set(layers)))
+    if missing and not compute:
+        raise InputError(f"no cached statistics for layers {missing} ({corpus.id}, {sample.describe()}); "
+                         "run `lmedit stats compute` first")
+    if not missing:
+        return SecondMoments(out, corpus.id, sample, *counts)
+    # One process computes an entry; another one waits, then reads it. (A torchrun job is one computation: its
+    # ranks take no lock, or rank 0 would hold it while the others wait to all-reduce with it.)
+    world = shard()[1]
+    lock_path = stats_path(model, missing[0], corpus.id, sample).with_name(f".{sample.key}.lock")
+    lock = file_lock(lock_path, on_wait=lambda: announce(
+        f"waiting for another process computing these statistics (lock {lock_path})"))
+    with lock if world == 1 else nullcontext():
+        missing = read_cache(missing) if world == 1 else missing  # computed by the process we waited for?
+        if missing:
+            counts = _compute_and_save(model, tokenizer, missing, corpus, sample, out, progress, announce)
     return SecondMoments(out, corpus.id, sample, *counts)
+
+
+def _compute_and_save(model, tokenizer, missing: list[int], corpus: Corpus, sample: Sample, out: dict,
+                      progress: bool, announce) -> tuple[int, int]:
+    """One pass for the `missing` layers (resumable), each C put in `out` and written to the cache."""
+    announce(f"computing key statistics for layers {missing} over {sample.describe()} of {corpus.id} "
+             f"(cached under {cache_dir() / 'stats'})")
+    resume = stats_path(model, missing[0], corpus.id, sample).with_name(
+        f"partial_{'-'.join(map(str, missing))}_{sample.key}.safetensors")
+    computed = compute_second_moments(model, tokenizer, missing, corpus, sample, checkpoint=resume,
+                                      progress=progress)
+    counts = computed.n_tokens, computed.n_documents
+    fingerprint = model_fingerprint(model)
+    rank, world = shard()
+    for l, C in computed.items():
+        out[l] = C
+        if rank != 0:
+            continue  # every rank holds C; one writes it
+        C = C.detach().cpu()
+        meta = {**_stats_metadata(fingerprint, l, corpus.id, sample), "n_tokens": str(counts[0]),
+                "n_documents": str(counts[1]), "sha256": tensor_digest({"C": C})}
+        atomic_save_tensors(stats_path(model, l, corpus.id, sample), {"C": C}, metadata=meta)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the cache is complete before any rank goes on
+    return counts

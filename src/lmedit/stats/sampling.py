@@ -42,9 +42,9 @@ class Sample:
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
-            raise InputError(f"unknown statistics unit {self.unit!r}; valid: {', '.join(UNITS)}")
+            raise InputError(f"unknown statistics unit (stats_unit, --unit) {self.unit!r}; valid: {', '.join(UNITS)}")
         if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n <= 0):
-            raise InputError(f"the statistics sample size must be a positive integer or '{ALL}', got {self.n!r}")
+            raise InputError(f"the statistics sample size (stats_n, --n) must be a positive integer or '{ALL}', got {self.n!r}")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length <= 0:
             raise InputError(f"stats_max_length must be a positive integer, got {self.max_length!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -91,7 +91,7 @@ def parse_count(n) -> int | None:
     if isinstance(n, str) and n.strip().replace("_", "").isdigit():
         n = int(n.strip().replace("_", ""))
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise InputError(f"the statistics sample size must be a positive integer or '{ALL}', got {n!r}")
+        raise InputError(f"the statistics sample size (stats_n, --n) must be a positive integer or '{ALL}', got {n!r}")
     return n
 
 
