@@ -24,6 +24,9 @@ class Editor:
 
 
 EDITORS: dict[str, Editor] = {}
+# The built-in methods by name, known without importing them (the CLI's help is built from this at start-up, before
+# torch loads); tests check that it matches what the modules register.
+BUILTIN_METHODS = ("rome", "memit", "emmet", "ft", "ft-conditional", "lora")
 
 
 def register_editor(name: str, config_cls: type, fn: Callable, summary: str) -> None:

@@ -1,6 +1,6 @@
 """`lmedit eval canonical`: the canonical-examples protocol, its hyperparameter search and the results table.
 
-Registered on the `eval` sub-app by `register_canonical(eval_app)` at the end of cli.py. Every check of the
+Every check of the
 input (task, method, league, splits, data files, output paths) runs before the model is loaded.
 """
 
@@ -101,7 +101,7 @@ def eval_canonical(
       lmedit eval canonical --data-dir canonical --task country_capital \\
         --method lora --league 1e-5 --trials 20 --out cc-lora.json
     """
-    from lmedit.cli import _load, _parse_sets, console
+    from lmedit.cli.common import console, load_lm, parse_sets
     from lmedit.evaluate import canonical_config as cc
     from lmedit.evaluate import canonical_run as cr
     from lmedit.evaluate import search as se
@@ -129,7 +129,7 @@ def eval_canonical(
         raise InputError(f"--max-tokens must be at least 2, got {max_tokens}")
     _positive(patience, "--patience")
     select_name, report_name = _splits(split, select_split, trials)
-    fixed = _parse_sets(sets)
+    fixed = parse_sets(sets)
     if epochs is not None and not trials:
         fixed["epochs"] = str(epochs)
     table_mode = all_ or len(methods) > 1
@@ -156,13 +156,13 @@ def eval_canonical(
         se.check_storage(storage)
 
     # ---- the work
-    lm = _load(model)
+    lm = load_lm(model)
     if ensemble_with:
         from lmedit.models.arch import arch_for
         from lmedit.backpack.ensemble import EnsembleLM
         from lmedit.models.loading import LoadedModel
 
-        big = _load(ensemble_with)
+        big = load_lm(ensemble_with)
         ensemble = EnsembleLM(big.model, lm.model)
         lm = LoadedModel(ensemble, big.tokenizer, arch_for(ensemble), f"{big.name}+backpack({lm.name})")
     protocol = cr.Protocol(str(general), n_docs=n_docs, max_tokens=max_tokens, leagues=tuple(leagues),
@@ -235,7 +235,3 @@ def _print_result(console, result: dict, only: str | None = None) -> None:
     console.print(table)
     if result.get("diverged"):
         console.print(f"diverged: {result['diverged']}")
-
-
-def register_canonical(app: typer.Typer) -> None:
-    app.command("canonical")(eval_canonical)
