@@ -71,7 +71,7 @@ def tiny_config(kind: str, vocab_size: int):
     if kind == "qwen2":
         return tf.Qwen2Config(**llama_like)
     if kind == "backpack-gpt2":  # 4 senses per token over a 2-layer contextualising GPT-2
-        from lmedit.backpack.model import BackpackConfig, register
+        from lmedit.models.backpack import BackpackConfig, register
 
         register()
         return BackpackConfig(n_layer=2, n_embd=32, n_head=4, num_senses=4, n_positions=128, vocab_size=vocab_size,

@@ -16,7 +16,7 @@ from lmedit.evaluate import canonical_config as cc
 from lmedit.evaluate import canonical_run as cr
 from lmedit.evaluate.degradation import BaselineCache
 from lmedit.evaluate.scoring import continuation_logprobs
-from lmedit.backpack.model import SenseEdits
+from lmedit.models.backpack import SenseEdits
 from lmedit.backpack.ensemble import EnsembleLM
 from lmedit.models.loading import load_model
 from test_canonical_run import GENERAL, SPLIT, _assert_unchanged, _snapshot, data_dir  # noqa: F401 (fixture)

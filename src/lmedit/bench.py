@@ -91,7 +91,7 @@ def bench_batched_values(lm, requests, n, reference_n):
 def bench_stats(lm, n_tokens):
     """Statistics pass vs a plain forward over the same tokens, stopped after the same layer."""
     from lmedit.editors import make_config
-    from lmedit.locate.batching import right_pad
+    from lmedit.models.forward import right_pad
     from lmedit.models.arch import mlp_out_module
     from lmedit.models.hooks import capture_io, run_until_stop
     from lmedit.stats.corpora import wiki_corpus

@@ -127,7 +127,7 @@ def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[in
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
+            except UnicodeDecodeError:
                 raise InputError(f"{path}: not UTF-8 text (undecodable byte on line {lineno}); expected JSON "
                                  "lines") from None
             if not line.strip():

@@ -2,7 +2,7 @@
 
     logits = logits_big + w · (log_softmax(edited Backpack) − log_softmax(original Backpack))
 
-The Backpack's edit (its sense deltas, `backpack.model.SenseEdits`) is carried over to the large model as the
+The Backpack's edit (its sense deltas, `models.backpack.SenseEdits`) is carried over to the large model as the
 change it makes to the Backpack's log-probabilities, scaled by w. With no sense edits attached the difference is
 exactly zero, so the unedited ensemble IS the large model: same logits, same baseline. Both models must share a
 tokenizer (a Backpack trained with the large model's tokenizer, as DESIGN §6 asks).
@@ -56,7 +56,7 @@ class EnsembleLM(nn.Module):
 
     def __init__(self, big: nn.Module, backpack_lm: nn.Module, weight: float = 1.0, halvings: int = 4):
         super().__init__()
-        from lmedit.backpack.model import MODEL_TYPE as BACKPACK
+        from lmedit.models.backpack import MODEL_TYPE as BACKPACK
 
         if arch_for(backpack_lm).model_type != BACKPACK:
             raise InputError(f"the ensemble's small model must be a Backpack, not {arch_for(backpack_lm).model_type}")

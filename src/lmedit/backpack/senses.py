@@ -12,7 +12,7 @@ that changes a few sense vectors changes every prediction that reads them, and n
    balance: both), and A_background is the mean over background documents with every position predicting.
    A pair is a candidate only where A_example > 0.
 2. Per example, keep its top `senses_per_example` candidates; fine-tune the union.
-3. Train additive, zero-initialised deltas Δ(t, ℓ) on those senses only (`backpack.model.SenseEdits`); every
+3. Train additive, zero-initialised deltas Δ(t, ℓ) on those senses only (`models.backpack.SenseEdits`); every
    weight of the model stays as it is, so removing the deltas restores the model exactly.
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from lmedit.errors import InputError
 from lmedit.models.arch import arch_for
-from lmedit.backpack.model import MODEL_TYPE, SenseEdits
+from lmedit.models.backpack import MODEL_TYPE, SenseEdits
 
 
 def backpack_of(model):
@@ -83,7 +83,7 @@ def select_senses(model, tokenizer, kind: str, pairs_per_example: Sequence[Seque
     """The union of each example's top `per_example` (token, sense) pairs by score (module docstring).
 
     `pairs_per_example`: per example its (prefix, suffix) pairs — one, or (suffix1, suffix2) for balance/prefer."""
-    from lmedit.evaluate.canonical import _encode_pair
+    from lmedit.locate.prompts import encode_pair
 
     if per_example < 1:
         raise InputError(f"senses_per_example must be at least 1, got {per_example}")
@@ -93,7 +93,7 @@ def select_senses(model, tokenizer, kind: str, pairs_per_example: Sequence[Seque
         for pairs in pairs_per_example:
             mass = None
             for n, (prefix, suffix) in enumerate(pairs):
-                p, s = _encode_pair(tokenizer, prefix, suffix)
+                p, s = encode_pair(tokenizer, prefix, suffix)
                 ids = p + s[:-1]
                 part = _alpha_mass(model, ids, range(len(p) - 1, len(ids)))  # rows predicting suffix tokens
                 sign = -1.0 if kind == "prefer" and n == 1 else 1.0  # prefer: away from suffix2's senses

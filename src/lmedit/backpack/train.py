@@ -82,7 +82,7 @@ def batch_at(blocks: torch.Tensor, step: int, batch_size: int, seed: int) -> tor
 
 
 def new_backpack(cfg: BackpackTrainConfig, tokenizer, embeddings_from: torch.Tensor | None = None):
-    from lmedit.backpack.model import BackpackConfig, BackpackForCausalLM
+    from lmedit.models.backpack import BackpackConfig, BackpackForCausalLM
 
     torch.manual_seed(cfg.seed)
     config = BackpackConfig(vocab_size=len(tokenizer), n_embd=cfg.dim, n_layer=cfg.layers, n_head=cfg.heads,
@@ -134,7 +134,7 @@ def train_backpack(out: Path, tokenizer, corpus, cfg: BackpackTrainConfig, *, em
     `max_new_steps` stops this call early (after a checkpoint): a long run in time-boxed pieces, each resumed."""
     from transformers import AutoModelForCausalLM
 
-    from lmedit.backpack.model import register
+    from lmedit.models.backpack import register
 
     cfg.validate()
     out = Path(out)

@@ -11,26 +11,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lmedit.editors.registry import EDITORS, Editor, register_editor  # noqa: F401  (the registry's API)
 from lmedit.errors import InputError
 from lmedit.settings import SettingError, setting_of
 
 
-@dataclass(frozen=True)
-class Editor:
-    name: str
-    config_cls: type
-    fn: Callable  # fn(model, tokenizer, requests, config, progress=True) -> Patch
-    summary: str
-
-
-EDITORS: dict[str, Editor] = {}
 # The built-in methods by name, known without importing them (the CLI's help is built from this at start-up, before
 # torch loads); tests check that it matches what the modules register.
 BUILTIN_METHODS = ("rome", "memit", "emmet", "ft", "ft-conditional", "lora")
-
-
-def register_editor(name: str, config_cls: type, fn: Callable, summary: str) -> None:
-    EDITORS[name] = Editor(name, config_cls, fn, summary)
 
 
 def get_editor(name: str) -> Editor:

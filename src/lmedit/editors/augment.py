@@ -17,7 +17,7 @@ from lmedit.locate.context import context_templates
 from lmedit.requests import EditRequest, load_requests
 
 if TYPE_CHECKING:
-    from lmedit.editors.finetune import TrainConfig
+    from lmedit.editors.train_config import TrainConfig
 
 
 @dataclass(frozen=True)

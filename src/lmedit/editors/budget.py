@@ -10,7 +10,7 @@ from torch import nn
 from lmedit.patches import fingerprint
 
 if TYPE_CHECKING:
-    from lmedit.editors.finetune import TrainConfig
+    from lmedit.editors.train_config import TrainConfig
 
 
 _LOSS_BEFORE: dict[tuple, float] = {}  # (hash of every weight, corpus, docs, tokens) → loss
@@ -37,7 +37,7 @@ class Budget:
         self.kept = self.snapshot()
 
     def measure(self) -> float:
-        from lmedit.evaluate.degradation import token_loss
+        from lmedit.models.forward import token_loss
 
         return token_loss(self.model, self.tokenizer, self.texts, self.config.budget_tokens)
 

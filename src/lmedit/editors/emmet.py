@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmedit.editors import register_editor
+from lmedit.editors.registry import register_editor
 from lmedit.locate.core import LocateConfig, locate_then_edit
 
 

@@ -17,7 +17,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from lmedit.editors import register_editor
+from lmedit.editors.registry import register_editor
 from lmedit.editors.finetune import TrainConfig, resolve_modules, run_editor, train
 from lmedit.errors import InputError, LmeditError
 from lmedit.models.arch import arch_for, get_module

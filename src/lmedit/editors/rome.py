@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmedit.editors import register_editor
+from lmedit.editors.registry import register_editor
 from lmedit.locate.core import LocateConfig, locate_then_edit
 from lmedit.locate.values import ValueConfig
 from lmedit.patches import compose

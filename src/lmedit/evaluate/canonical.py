@@ -45,7 +45,8 @@ from lmedit.errors import InputError
 from lmedit.evaluate.scoring import check_batch_size, score_rows
 from lmedit.fileio import iter_jsonl
 from lmedit.locate.batching import body, unembed
-from lmedit.locate.prompts import Scored, encode, encode_continuation
+from lmedit.models.forward import max_positions
+from lmedit.locate.prompts import Scored, encode, encode_continuation, encode_pair
 
 Kind = Literal["raise", "lower", "balance", "prefer"]
 KINDS: tuple[str, ...] = ("raise", "lower", "balance", "prefer")
@@ -235,25 +236,6 @@ def load_task(task: str | TaskSpec, data_dir: str | Path, split: str) -> Canonic
 
 # ---------------------------------------------------------------- teacher-forced suffix log-probs
 
-def _encode_pair(tokenizer, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
-    p = encode(tokenizer, prefix)
-    if not p:
-        raise InputError(f"prefix {prefix!r} tokenizes to nothing: there is no position to predict the suffix from")
-    s = encode_continuation(tokenizer, suffix)
-    if not s:
-        raise InputError(f"suffix {suffix!r} tokenizes to nothing")
-    return p, s
-
-
-def max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _check_width(model: nn.Module, encoded: Sequence[tuple[list[int], list[int]]]) -> int:
     """The longest prefix + suffix input; an example longer than the model's positions is bad input."""
     limit = max_positions(model)
@@ -308,7 +290,7 @@ def suffix_logprobs(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]
     The model's train/eval mode and grad mode are left to the caller."""
     if not pairs:
         raise InputError("no examples to score")
-    encoded = [_encode_pair(tokenizer, p, s) for p, s in pairs]
+    encoded = [encode_pair(tokenizer, p, s) for p, s in pairs]
     return _forward(model, encoded, _pad_id(tokenizer))
 
 
@@ -323,7 +305,7 @@ def score_suffixes(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]]
     unique = list(dict.fromkeys(pairs))
     if not unique:
         return []
-    encoded = [_encode_pair(tokenizer, p, s) for p, s in unique]
+    encoded = [encode_pair(tokenizer, p, s) for p, s in unique]
     _check_width(model, encoded)
     rows = [Scored(p + s[:-1], s, len(p) - 1) for p, s in encoded]
     scores = score_rows(model, tokenizer, rows, batch_size)

@@ -131,7 +131,7 @@ def methods_for(model, methods) -> tuple[list[str], dict[str, str]]:
     """(the methods this model can run, {method: why not} for the others): senses needs a Backpack, memit a KV
     cache (which a Backpack has not)."""
     from lmedit.models.arch import arch_for
-    from lmedit.backpack.model import MODEL_TYPE
+    from lmedit.models.backpack import MODEL_TYPE
 
     from lmedit.backpack.ensemble import MODEL_TYPE as ENSEMBLE
 

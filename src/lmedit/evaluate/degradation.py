@@ -26,18 +26,15 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmedit.errors import InputError
-from lmedit.evaluate.canonical import hard_negative_nll, max_positions, success_rate
+from lmedit.evaluate.canonical import hard_negative_nll, success_rate
 from lmedit.fileio import atomic_write_json, iter_jsonl
-from lmedit.locate.batching import body, inference, right_pad, unembed
-from lmedit.locate.prompts import encode
+from lmedit.models.forward import DEFAULT_MAX_TOKENS, token_loss, token_nll  # noqa: F401  (part of this API)
+from lmedit.models.tokens import encode
 
 DEFAULT_N_DOCS = 200
-DEFAULT_MAX_TOKENS = 256
 CACHE_VERSION = 1  # bump when the way a cached number is computed changes
 
 
@@ -63,56 +60,6 @@ def load_texts(path: str | Path, n_docs: int | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------- per-token loss
-
-def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], max_tokens: int | None = DEFAULT_MAX_TOKENS,
-              batch_size: int = 16, chunk: int = 512) -> tuple[float, int]:
-    """(total NLL, number of predicted tokens) of `texts`; no grad, eval mode while scoring."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
-        raise InputError(f"max_tokens must be an integer >= 2 (or None), got {max_tokens!r}")
-    rows = []
-    for t in texts:
-        ids = encode(tokenizer, t)
-        if max_tokens is not None:
-            ids = ids[:max_tokens]
-        if len(ids) >= 2:
-            rows.append(ids)
-    if not rows:
-        raise InputError("no text has two tokens or more: there is nothing to predict")
-    limit = max_positions(model)
-    longest = max(len(r) for r in rows)
-    if limit is not None and longest > limit:
-        raise InputError(f"a text is {longest} tokens long, more than this model's {limit} positions; "
-                         "lower max_tokens")
-    rows.sort(key=len)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total, count = 0.0, 0
-    with inference(model):
-        for lo in range(0, len(rows), batch_size):
-            batch = rows[lo:lo + batch_size]
-            ids, mask = right_pad(batch, pad)
-            hidden = body(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            pred = mask.clone()
-            pred[:, :-1] = mask[:, 1:]  # position j predicts token j+1 when that token is real
-            pred[:, -1] = 0
-            sel = pred.bool().to(device)
-            h = hidden[sel]
-            targets = ids.to(device)[:, 1:][sel[:, :-1]]
-            for c in range(0, h.shape[0], chunk):
-                logits = unembed(model, h[c:c + chunk]).float()
-                total += F.cross_entropy(logits, targets[c:c + chunk], reduction="sum").item()
-            count += int(sel.sum().item())
-    return total, count
-
-
-def token_loss(model: nn.Module, tokenizer, texts: Sequence[str], max_tokens: int | None = DEFAULT_MAX_TOKENS,
-               batch_size: int = 16) -> float:
-    """Per-token loss (mean NLL over every predicted token of `texts`)."""
-    total, count = token_nll(model, tokenizer, texts, max_tokens, batch_size)
-    return total / count
-
 
 def general_loss(model: nn.Module, tokenizer, path: str | Path, n_docs: int = DEFAULT_N_DOCS,
                  max_tokens: int | None = DEFAULT_MAX_TOKENS, batch_size: int = 16) -> float:

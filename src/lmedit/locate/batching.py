@@ -20,6 +20,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from lmedit.models.arch import arch_for, get_module
+from lmedit.models.forward import body, inference, right_pad, unembed  # noqa: F401  (also used from here)
 
 
 @dataclass
@@ -46,43 +47,6 @@ class SplitBatch:
             suffix_ids[i, : len(rest)] = torch.tensor(rest)
             suffix_mask[i, : len(rest)] = 1
         return cls(prefix_ids.to(device), prefix_mask.to(device), suffix_ids.to(device), suffix_mask.to(device))
-
-
-@contextmanager
-def inference(model: nn.Module):
-    """Eval mode (no dropout) and no gradients for the block; the model's own mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def right_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), right-padded: each real token keeps its position."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def body(model: nn.Module) -> nn.Module:
-    """The transformer without its unembedding (its output is already through the final norm)."""
-    arch = arch_for(model)
-    return get_module(model, arch.body or arch.layers.rsplit(".", 1)[0])
-
-
-def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    logits = get_module(model, arch_for(model).unembed)(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 class _Replay(nn.Module):

@@ -5,17 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmedit.errors import InputError
+from lmedit.models.tokens import encode, encode_continuation  # noqa: F401  (also used from here)
 from lmedit.requests import join_prompt_target
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt, with the tokenizer's own special tokens (a BOS where the model expects one)."""
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
-
-
-def encode_continuation(tokenizer, text: str) -> list[int]:
-    """Token ids of a continuation (a target), never with special tokens."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def subject_tokens(tokenizer, text: str, subject: str) -> tuple[list[int], int, int]:
@@ -56,3 +47,14 @@ def with_target(prompt_ids: list[int], tokenizer, prompt: str, target: str) -> S
     if not target_ids:
         raise InputError(f"target {target!r} tokenizes to nothing")
     return Scored(prompt_ids + target_ids[:-1], target_ids, len(prompt_ids) - 1)
+
+
+def encode_pair(tokenizer, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
+    """(prefix ids, suffix ids) of a canonical example: the suffix is predicted from the prefix."""
+    p = encode(tokenizer, prefix)
+    if not p:
+        raise InputError(f"prefix {prefix!r} tokenizes to nothing: there is no position to predict the suffix from")
+    s = encode_continuation(tokenizer, suffix)
+    if not s:
+        raise InputError(f"suffix {suffix!r} tokenizes to nothing")
+    return p, s

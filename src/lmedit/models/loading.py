@@ -105,7 +105,7 @@ class Placement:
 def _load_hf_dir(path: Path | str, placement: Placement = Placement(), **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmedit.backpack.model import register
+    from lmedit.models.backpack import register
 
     register()  # model_type backpack-gpt2 loads with lmedit's own code, never remote code
 
@@ -239,7 +239,7 @@ def _cache_converted(model, tokenizer, cached: Path) -> None:
 def _is_backpack(config: dict) -> bool:
     """A Backpack checkpoint, whatever model_type its remote-code config wrote (its config class derives from
     GPT-2's): the sense count is the mark."""
-    from lmedit.backpack.model import MODEL_TYPE
+    from lmedit.models.backpack import MODEL_TYPE
 
     return config.get("model_type") == MODEL_TYPE or "num_senses" in config
 
@@ -247,7 +247,7 @@ def _is_backpack(config: dict) -> bool:
 def _load_backpack_dir(path: Path):
     from transformers import AutoTokenizer
 
-    from lmedit.backpack.model import BackpackConfig, BackpackForCausalLM
+    from lmedit.models.backpack import BackpackConfig, BackpackForCausalLM
 
     fields = {k: v for k, v in read_json(path / "config.json").items()
               if k not in ("model_type", "auto_map", "architectures", "transformers_version")}

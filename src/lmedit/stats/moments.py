@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from lmedit.errors import InputError
 from lmedit.fileio import Damaged, atomic_save_tensors, file_lock, read_verified, tensor_digest
-from lmedit.locate.batching import right_pad
+from lmedit.models.forward import right_pad
 from lmedit.models.arch import check_layer, mlp_out_dims, mlp_out_module
 from lmedit.models.hooks import capture_io, run_until_stop
 from lmedit.models.loading import cache_dir
