@@ -27,16 +27,7 @@ from lmedit.stats.corpora import file_corpus
 from lmedit.stats.moments import compute_second_moments, load_or_compute, stats_path
 from lmedit.stats.sampling import Sample
 
-DOCS = (
-    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France.",
-    "Rome is the capital city of Italy.",
-    "Danielle Darrieux was a French actress of stage, television and film, as well as a singer and dancer.",
-    "Hi.",
-    "The Danube is the second-longest river in Europe, after the Volga in Russia. It flows through much of "
-    "Central and Southeastern Europe, from the Black Forest into the Black Sea.",
-    "Michel Rocard was a French politician and a member of the Socialist Party.",
-    "Toko Yasuda is a Japanese-American musician.",
-)
+from test_stats import DOCS  # the same tiny corpus
 LAYERS = [1, 3]
 SAMPLE = Sample("documents", 6, seed=4)  # several 20-token batches, the last document cut
 WORKER = Path(__file__).with_name("stats_worker.py")

@@ -22,6 +22,7 @@ from lmedit.evaluate import degradation
 from lmedit.evaluate import search as se
 from lmedit.evaluate.canonical import TASKS, CanonicalTask, PairExample, SuffixExample, TextExample
 from lmedit.evaluate.degradation import BaselineCache
+from cli_helpers import assert_one_line_error, run_cli
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GENERAL = DATA / "text" / "openwebtext-val100.jsonl"
@@ -301,20 +302,6 @@ def test_search_stores_trials_and_computes_the_unedited_point_once(tiny, data_di
 
 
 # ---------------------------------------------------------------- CLI
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["lmedit", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    return exc.value.code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *phrases: str) -> None:
-    assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for phrase in phrases:
-        assert phrase in err, err
 
 
 @pytest.mark.parametrize("args,phrases", [

@@ -11,28 +11,12 @@ import torch
 from pathlib import Path
 
 from lmedit import cli
+from cli_helpers import assert_one_line_error, run_cli
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 GOOD = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
         "target_new": "Rome", "target_true": "Paris"}
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["lmedit", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    err = capsys.readouterr().err
-    return exc.value.code, err
-
-
-def assert_one_line_error(code: int, err: str, *phrases: str) -> None:
-    assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert phrase in err, err
 
 
 def write_jsonl(path, records) -> str:

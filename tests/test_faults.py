@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli_helpers import assert_one_line_error, run_cli
 from lmedit import cli
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -49,20 +50,7 @@ def patch_dir(model_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["lmedit", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    return exc.value.code, capsys.readouterr().err
-
-
-def assert_refused(code: int, err: str, *phrases: str, exit_code: int = 2) -> None:
-    assert code == exit_code, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert phrase in err, f"{phrase!r} not in {err!r}"
+assert_refused = assert_one_line_error
 
 
 def assert_nothing_left(*paths: Path) -> None:

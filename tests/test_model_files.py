@@ -4,29 +4,13 @@ an HF directory whose weights are cut short, a .gguf that is not GGUF, a GGUF fi
 from __future__ import annotations
 
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
-from lmedit import cli
+from cli_helpers import assert_one_line_error, run_cli
 from lmedit.errors import InputError
 from lmedit.models.loading import EMBEDDED, load_model, read_gguf
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["lmedit", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    return exc.value.code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *phrases: str) -> None:
-    assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for phrase in phrases:
-        assert phrase in err, err
 
 
 @pytest.fixture(scope="module")

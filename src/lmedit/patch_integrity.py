@@ -20,21 +20,12 @@ from pathlib import Path
 import torch
 
 from lmedit.errors import InputError, warn
+from lmedit.fileio import tensor_digest as tensors_digest  # one digest of tensors for patches and caches
 
 INTEGRITY_KEY = "integrity"
 ALGORITHM = "sha256"
 # ‖ΔW‖_F / ‖W‖_F above which `apply` refuses without force (see the module docstring for the margin).
 MAX_RELATIVE_NORM = 1000.0
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every stored tensor, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def meta_digest(doc: dict) -> str:
