@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lmedit.errors import InputError
-from lmedit.locate.batching import right_pad
+from lmedit.models.forward import right_pad
 from lmedit.locate.prompts import subject_last_token
 from lmedit.locate.sites import site_module
 from lmedit.models.hooks import capture_io, run_until_stop
@@ -87,7 +87,11 @@ def read_at_subject(model: nn.Module, tokenizer, requests: list[EditRequest], te
     return mean_keys, {name: working_precision(torch.cat(o))[bare] for name, o in outs.items()}
 
 
-def working_precision(x: torch.Tensor) -> torch.Tensor:
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 at least (16-bit activations are widened); a float64 model stays float64, so the oracle tests
     can compare ΔW to 1e-6."""
-    return x if x.dtype == torch.float64 else x.float()
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def working_precision(x: torch.Tensor) -> torch.Tensor:
+    return x.to(working_dtype(x.dtype))

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from lmedit.errors import EditFailure
 from lmedit.locate.batching import PrefixCache, SplitBatch, unembed
+from lmedit.locate.keys import working_dtype
 from lmedit.locate.prompts import subject_last_token, with_target
 from lmedit.locate.sites import SITES, check_site, site_module
 from lmedit.models.arch import mlp_out_dims, mlp_out_module
@@ -95,7 +96,7 @@ def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], lay
     edit_point = site_module(model, layer, check_site(config.site))  # δ is added to this module's output
     device = next(W.parameters()).device
     dtype = W.weight.dtype
-    work = torch.float64 if dtype == torch.float64 else torch.float32  # the oracle tests run float64 models
+    work = working_dtype(dtype)
     rows, subject_last, owner, kinds, targets = _rows(tokenizer, requests, templates)
     splits = subject_last if cache_prefix else [0] * len(rows)
     # column of the suffix where δ is added: the last subject token
