@@ -4,7 +4,7 @@
 # The "before" numbers are the pre-fix files of benchmarks/tables.sh in benchmarks/results/tables/ (same
 # records, same batch sizes; summed convention). Re-runnable like tables.sh: finished cells are skipped, an
 # interrupted one resumes, v* are reused from the lmedit cache.
-# Usage: benchmarks/fidelity.sh STAGE...   (stages: cf100 zsre100 rome cfseq zsreseq zsre500 cf1000 cfseq1000
+# Usage: benchmarks/fidelity.sh STAGE...   (stages: cf100 zsre100 rome ftc cfseq zsreseq zsre500 cf1000 cfseq1000
 #        zsreseq500; default: all, in that order; the 500/1000 stages take hours on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,10 @@ zsre100() {
 rome() {  # generation-based checks beside teacher-forced ones for ROME (each edit alone)
   run cf100-rome.b1 1 counterfact --data $CF --limit 100 --method rome
   run zsre100-rome.b1 1 zsre --data $ZSRE --limit 100 --method rome
+}
+ftc() {  # FT-conditional with the paper's augmentation (the default: built-in fact pool), 100 edits trained together
+  run cf100-ftc-default 100 counterfact --data $CF --limit 100 --method ft-conditional
+  run zsre100-ftc-default 100 zsre --data $ZSRE --limit 100 --method ft-conditional
 }
 cfseq() {  # sequential batches of 10, each on top of the earlier ones (v* on the edited model: new defaults only)
   run cf100-memit-seq10 10 counterfact --data $CF --limit 100 --method memit --sequential
@@ -64,5 +68,5 @@ zsreseq500() {
 }
 
 stages=("$@")
-[[ ${#stages[@]} == 0 ]] && stages=(cf100 zsre100 cfseq rome zsreseq zsre500 cf1000 cfseq1000 zsreseq500)
+[[ ${#stages[@]} == 0 ]] && stages=(cf100 zsre100 cfseq rome ftc zsreseq zsre500 cf1000 cfseq1000 zsreseq500)
 for s in "${stages[@]}"; do "$s"; done

@@ -99,7 +99,8 @@ def main() -> None:
                                          ("FT-conditional + augmentation (default), mass 100", "cf100-ftc-default")])
     lines += ["", "† v* reused from an earlier cell on the same model state: s/edit leaves out their optimisation.",
               "", "#### zsRE, first 100 records, after the fix", ""]
-    lines += after_table("zsre", ZSRE_ROWS, [("ROME, each edit alone", "zsre100-rome.b1")])
+    lines += after_table("zsre", ZSRE_ROWS, [("ROME, each edit alone", "zsre100-rome.b1"),
+                                             ("FT-conditional + augmentation (default), mass 100", "zsre100-ftc-default")])
     lines += ["", "#### Before → after the fix, same records (the convention the before-files were measured in)", "",
               "CounterFact, first 100 (summed comparison):", ""]
     lines += before_after("cf", CF_ROWS)
