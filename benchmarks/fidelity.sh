@@ -8,13 +8,8 @@
 #        zsreseq500; default: all, in that order; the 500/1000 stages take hours on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=../shared/data
 OUT=benchmarks/results/fidelity
-CF=$DATA/counterfact/counterfact-edit.json
-ZSRE=$DATA/zsre/zsre-500.json
-mkdir -p "$OUT"
-
-source benchmarks/lib.sh
+source benchmarks/lib.sh  # DATA, CF, ZSRE and `run`; creates OUT
 
 cf100() {  # MEMIT and EMMET share v* (same last layer, same site): each further cell costs only its solve
   run cf100-memit.b100 100 counterfact --data $CF --limit 100 --method memit

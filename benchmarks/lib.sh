@@ -1,8 +1,13 @@
-# Shared by the benchmark scripts (source it after setting OUT): one lmedit eval per result group.
+# Shared by the benchmark scripts (source it after setting OUT, from the repository root): the data files and
+# one lmedit eval per result group.
 # run OUTPUT_STEM SIZES TASK ARGS...  — SIZES is one batch size (→ OUT/STEM.json) or a comma list
 # (→ OUT/STEM.bN.json for each N, one command). A group whose result files all exist is skipped; an
 # interrupted one resumes from its journal; v* already optimised for the same request are reused from the cache.
 LM=${LM:-.venv/bin/lmedit}
+DATA=../shared/data
+CF=$DATA/counterfact/counterfact-edit.json
+ZSRE=$DATA/zsre/zsre-500.json
+mkdir -p "$OUT"
 run() {
   local stem=$1 sizes=$2 task=$3; shift 3
   local missing=0

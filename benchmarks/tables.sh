@@ -11,13 +11,8 @@
 # benchmarks/fidelity.sh; re-running a 1000/500 stage here measures the post-fix code at the current defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=../shared/data
 OUT=benchmarks/results/tables
-CF=$DATA/counterfact/counterfact-edit.json
-ZSRE=$DATA/zsre/zsre-500.json
-mkdir -p "$OUT"
-
-source benchmarks/lib.sh
+source benchmarks/lib.sh  # DATA, CF, ZSRE and `run`; creates OUT
 
 cf100() {  # EMMET with the defaults is MEMIT (λ = μλ′, see README); μ = 0.001 is the near-equality regime
   run cf100-memit 1,10,100 counterfact --data $CF --limit 100 --method memit

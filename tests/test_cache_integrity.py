@@ -33,12 +33,6 @@ SAMPLE = Sample("documents", 6, seed=4)  # several 20-token batches, the last do
 WORKER = Path(__file__).with_name("stats_worker.py")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 @pytest.fixture(scope="module")
 def llama(tiny_model):
     return tiny_model("llama")
@@ -114,7 +108,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_statistics_entry_is_moved_aside_and_recomputed(llama, corpus, cache, small_batches, damage):
+def test_a_damaged_statistics_entry_is_moved_aside_and_recomputed(llama, corpus, tmp_cache, small_batches, damage):
     first, said, warned = _load(llama, corpus)
     assert len(said) == 1 and not warned
     entry = _entry(llama, corpus, 3)
@@ -130,7 +124,7 @@ def test_a_damaged_statistics_entry_is_moved_aside_and_recomputed(llama, corpus,
     assert not said and not warned, "the recomputed entry is trusted"
 
 
-def test_damaged_and_not_allowed_to_compute_says_how_to(llama, corpus, cache, small_batches):
+def test_damaged_and_not_allowed_to_compute_says_how_to(llama, corpus, tmp_cache, small_batches):
     _load(llama, corpus)
     entry = _entry(llama, corpus, 1)
     DAMAGE["truncated"](entry)
@@ -139,7 +133,7 @@ def test_damaged_and_not_allowed_to_compute_says_how_to(llama, corpus, cache, sm
     assert not entry.exists() and list(entry.parent.glob(f"{entry.name}.damaged-*"))
 
 
-def test_an_entry_without_a_digest_is_still_read(llama, corpus, cache, small_batches, monkeypatch):
+def test_an_entry_without_a_digest_is_still_read(llama, corpus, tmp_cache, small_batches, monkeypatch):
     """Entries written before the digest was kept (the benchmark's cache) are verified without it and reused."""
     first, _, _ = _load(llama, corpus)
     for l in LAYERS:
@@ -154,7 +148,7 @@ def test_an_entry_without_a_digest_is_still_read(llama, corpus, cache, small_bat
     _same(again, first)
 
 
-def test_a_damaged_checkpoint_is_moved_aside_and_the_pass_starts_again(llama, corpus, cache, small_batches):
+def test_a_damaged_checkpoint_is_moved_aside_and_the_pass_starts_again(llama, corpus, tmp_cache, small_batches):
     entry = _entry(llama, corpus, 1)
     resume = entry.with_name(f"partial_1-3_{moments.as_sample(SAMPLE, llama.model).key}.safetensors")
     want = _reference(llama, corpus)
@@ -166,11 +160,11 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_pass_starts_again(llama, co
     assert not resume.exists() and list(resume.parent.glob(f"{resume.name}.damaged-*"))
 
 
-def test_a_checkpoint_whose_count_disagrees_with_its_plan_is_not_resumed(llama, corpus, cache):
+def test_a_checkpoint_whose_count_disagrees_with_its_plan_is_not_resumed(llama, corpus, tmp_cache):
     plan = moments.plan_batches(llama.tokenizer, file_corpus(corpus), moments.as_sample(SAMPLE, llama.model), 20)
     total = sum(m for batch in plan for _, m in batch)
     want = _reference(llama, corpus)
-    ckpt = cache / "ckpt.safetensors"
+    ckpt = tmp_cache / "ckpt.safetensors"
     moments._save_checkpoint(ckpt, {l: want[l] * 0 + 1 for l in LAYERS}, 3, 2, plan, total)  # 2 batches ≠ 3 tokens
     got = compute_second_moments(llama.model, llama.tokenizer, LAYERS, file_corpus(corpus), SAMPLE, batch_tokens=20,
                                  checkpoint=ckpt, progress=False)
@@ -180,8 +174,8 @@ def test_a_checkpoint_whose_count_disagrees_with_its_plan_is_not_resumed(llama, 
 # ------------------------------------------------------------------------------------------ separate processes
 
 
-def _worker(llama, cache: Path, corpus: str, out: Path, **args) -> subprocess.Popen:
-    env = {**os.environ, "LMEDIT_CACHE": str(cache), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def _worker(llama, tmp_cache: Path, corpus: str, out: Path, **args) -> subprocess.Popen:
+    env = {**os.environ, "LMEDIT_CACHE": str(tmp_cache), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     spec = {"tokenizer": llama.tokenizer.name_or_path, "corpus": corpus, "out": str(out), "layers": LAYERS,
             "sample": [SAMPLE.unit, SAMPLE.n, SAMPLE.max_length, SAMPLE.seed], **args}
     return subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env, cwd=WORKER.parent,
@@ -225,13 +219,13 @@ def _leftovers(folder: Path) -> list[str]:
                   and not p.name.endswith(".lock"))
 
 
-def test_two_processes_computing_the_same_statistics_write_one_complete_file(llama, corpus, cache, tmp_path):
+def test_two_processes_computing_the_same_statistics_write_one_complete_file(llama, corpus, tmp_cache, tmp_path):
     entry = _entry(llama, corpus, 1)
     marks = {k: tmp_path / k for k in ("a_ready", "go", "b_waiting")}
-    a = _worker(llama, cache, corpus, tmp_path / "a.safetensors", block_forward=2, ready=str(marks["a_ready"]),
+    a = _worker(llama, tmp_cache, corpus, tmp_path / "a.safetensors", block_forward=2, ready=str(marks["a_ready"]),
                 go=str(marks["go"]))
     _until(marks["a_ready"], a)  # A holds the lock, half-way through its pass
-    b = _worker(llama, cache, corpus, tmp_path / "b.safetensors", waiting=str(marks["b_waiting"]))
+    b = _worker(llama, tmp_cache, corpus, tmp_path / "b.safetensors", waiting=str(marks["b_waiting"]))
     _until(marks["b_waiting"], a, b)  # B waits for A's lock
     marks["go"].touch()
     said_a, said_b = _finish(a), _finish(b)
@@ -244,9 +238,9 @@ def test_two_processes_computing_the_same_statistics_write_one_complete_file(lla
         assert moments.cached_stats(llama.model, l, file_corpus(corpus).id, SAMPLE) is not None
 
 
-def test_killed_mid_pass_the_next_run_resumes_to_the_same_c(llama, corpus, cache, tmp_path, small_batches):
+def test_killed_mid_pass_the_next_run_resumes_to_the_same_c(llama, corpus, tmp_cache, tmp_path, small_batches):
     entry = _entry(llama, corpus, 1)
-    a = _worker(llama, cache, corpus, tmp_path / "a.safetensors", block_forward=3, ready=str(tmp_path / "ready"))
+    a = _worker(llama, tmp_cache, corpus, tmp_path / "a.safetensors", block_forward=3, ready=str(tmp_path / "ready"))
     _until(tmp_path / "ready", a)  # two batches counted and checkpointed, the third under way: SIGKILL
     _kill(a)
     partial = list(entry.parent.glob("partial_*"))
@@ -267,10 +261,10 @@ def test_killed_mid_pass_the_next_run_resumes_to_the_same_c(llama, corpus, cache
     assert _leftovers(entry.parent) == []
 
 
-def test_killed_while_writing_the_cache_the_next_run_trusts_no_half_written_file(llama, corpus, cache, tmp_path,
+def test_killed_while_writing_the_cache_the_next_run_trusts_no_half_written_file(llama, corpus, tmp_cache, tmp_path,
                                                                                  small_batches):
     entry1, entry3 = _entry(llama, corpus, 1), _entry(llama, corpus, 3)
-    a = _worker(llama, cache, corpus, tmp_path / "a.safetensors", block_replace=3, ready=str(tmp_path / "ready"))
+    a = _worker(llama, tmp_cache, corpus, tmp_path / "a.safetensors", block_replace=3, ready=str(tmp_path / "ready"))
     _until(tmp_path / "ready", a)  # layer 1's file in place, layer 3's written under a temporary name only
     _kill(a)
     assert entry1.is_file() and not entry3.exists()
@@ -326,7 +320,7 @@ def test_a_damaged_value_entry_is_moved_aside_and_an_old_one_still_read(llama, t
 # ----------------------------------------------------------------------------------------- converted models
 
 
-def test_a_damaged_converted_model_is_moved_aside_and_converted_again(llama, tokenizer, cache, monkeypatch):
+def test_a_damaged_converted_model_is_moved_aside_and_converted_again(llama, tokenizer, tmp_cache, monkeypatch):
     """The embedded model's HF copy, with a tiny model standing in for the dequantised GGUF."""
     import lmedit.models.loading as loading
 
@@ -353,7 +347,7 @@ def test_a_damaged_converted_model_is_moved_aside_and_converted_again(llama, tok
         assert len(messages) == n_warnings, messages
         return messages
 
-    copy = cache / "models" / "tiny-embedded"
+    copy = tmp_cache / "models" / "tiny-embedded"
     load_and_check(1, 0)
     load_and_check(1, 0)  # read from the cache
     weights = copy / "model.safetensors"

@@ -32,10 +32,7 @@ LAYERS = [1, 3]
 CONTEXT = 128  # the tiny models' positions: every cut is bounded by it
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("tmp_cache")  # every test here caches into its own directory (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +279,7 @@ def test_file_corpus(tmp_path):
         file_corpus(empty)
 
 
-def test_load_or_compute_caches_under_the_unit(llama, tokenizer, tmp_path, private_cache, monkeypatch):
+def test_load_or_compute_caches_under_the_unit(llama, tokenizer, tmp_path, tmp_cache, monkeypatch):
     model = llama.model
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(DOCS))
@@ -292,7 +289,7 @@ def test_load_or_compute_caches_under_the_unit(llama, tokenizer, tmp_path, priva
                             announce=messages.append)
     assert len(messages) == 1 and "40 tokens" in messages[0] and "seed 1" in messages[0]
     path = stats_path(model, 1, cid, Sample("tokens", 40))
-    assert path.is_file() and str(path).startswith(str(private_cache))
+    assert path.is_file() and str(path).startswith(str(tmp_cache))
     assert path.name == f"layer1_tokens40_max{CONTEXT}_seed1.safetensors"
     assert not list(path.parent.glob("partial_*")), "the resume checkpoint is removed once the pass is done"
     assert first.description.startswith(f"40 tokens in {first.n_documents} documents of {cid}: 40 tokens")

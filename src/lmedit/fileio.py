@@ -91,8 +91,7 @@ class AtomicDirectory:
         os.replace(self.tmp, self.path)
 
 
-def _not_text(path: Path, e: UnicodeDecodeError, expected: str) -> InputError:
-    line = e.object[:e.start].count(b"\n") + 1
+def _not_text(path: Path, line: int, expected: str) -> InputError:
     return InputError(f"{path}: not UTF-8 text (undecodable byte on line {line}); expected {expected}")
 
 
@@ -104,7 +103,7 @@ def read_text(path: str | os.PathLike, expected: str = "a text file") -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise _not_text(path, e, expected) from None
+        raise _not_text(path, e.object[:e.start].count(b"\n") + 1, expected) from None
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -128,8 +127,7 @@ def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[in
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise InputError(f"{path}: not UTF-8 text (undecodable byte on line {lineno}); expected JSON "
-                                 "lines") from None
+                raise _not_text(path, lineno, "JSON lines") from None
             if not line.strip():
                 continue
             try:
@@ -208,6 +206,13 @@ def tensor_digest(tensors: dict) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def check_digest(tensors: dict, meta: dict | None) -> None:
+    """Raise Damaged when `meta` records a sha256 (`tensor_digest`) that `tensors` do not match; entries written
+    before digests were kept have none and pass."""
+    if meta and "sha256" in meta and tensor_digest(tensors) != meta["sha256"]:
+        raise Damaged("its content does not match its digest")
 
 
 @contextmanager

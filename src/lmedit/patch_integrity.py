@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lmedit.errors import InputError, warn
-from lmedit.fileio import tensor_digest as tensors_digest  # one digest of tensors for patches and caches
+from lmedit.fileio import tensor_digest  # one digest of tensors for patches and caches
 
 INTEGRITY_KEY = "integrity"
 ALGORITHM = "sha256"
@@ -37,7 +37,7 @@ def meta_digest(doc: dict) -> str:
 
 def seal(doc: dict, tensors: dict[str, torch.Tensor]) -> dict:
     """The document to write: `doc` plus the digests of itself and of the tensors written beside it."""
-    return {**doc, INTEGRITY_KEY: {"algorithm": ALGORITHM, "tensors": tensors_digest(tensors),
+    return {**doc, INTEGRITY_KEY: {"algorithm": ALGORITHM, "tensors": tensor_digest(tensors),
                                    "meta": meta_digest(doc)}}
 
 
@@ -53,7 +53,7 @@ def verify(doc: dict, tensors: dict[str, torch.Tensor], meta_file: Path, tensors
     if seal_.get("meta") != meta_digest(doc):
         raise InputError(f"{meta_file} was changed after the patch was saved (its digest does not match its "
                          "content); refusing to trust it: recompute the edit, or restore the original file")
-    if seal_.get("tensors") != tensors_digest(tensors):
+    if seal_.get("tensors") != tensor_digest(tensors):
         raise InputError(f"{tensors_file} does not match the digest in {meta_file.name} (damaged or changed "
                          "after saving); refusing to load it: recompute the edit, or restore the original file")
 

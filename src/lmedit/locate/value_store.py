@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lmedit.fileio import Damaged, atomic_save_tensors, read_verified, tensor_digest
+from lmedit.fileio import Damaged, atomic_save_tensors, check_digest, read_verified, tensor_digest
 from lmedit.locate.values import ValueConfig, Values, compute_values
 from lmedit.models.arch import mlp_out_name, num_layers
 from lmedit.patches import fingerprint
@@ -132,8 +132,7 @@ def _read_entry(path: Path, state: str, key: str) -> dict[str, torch.Tensor]:
     for field, want in (("key", key), ("state", state)):
         if field in meta and meta[field] != want:
             raise Damaged(f"its metadata has {field}={meta[field]!r}, expected {want!r}")
-    if "sha256" in meta and tensor_digest(entry) != meta["sha256"]:
-        raise Damaged("its content does not match its digest")
+    check_digest(entry, meta)
     return entry
 
 

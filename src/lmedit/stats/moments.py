@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmedit.errors import InputError
-from lmedit.fileio import Damaged, atomic_save_tensors, file_lock, read_verified, tensor_digest
+from lmedit.fileio import Damaged, atomic_save_tensors, check_digest, file_lock, read_verified, tensor_digest
 from lmedit.models.forward import right_pad
 from lmedit.models.arch import check_layer, mlp_out_dims, mlp_out_module
 from lmedit.models.hooks import capture_io, run_until_stop
@@ -231,11 +231,6 @@ def _check_square(name: str, t: torch.Tensor, d: int) -> None:
         raise Damaged(f"{name} is not symmetric")
 
 
-def _check_digest(tensors: dict, meta: dict | None) -> None:
-    if meta and "sha256" in meta and tensor_digest(tensors) != meta["sha256"]:
-        raise Damaged("its content does not match its digest")
-
-
 def _read_checkpoint(path: Path, layers: list[int], d_in: int) -> dict:
     with safe_open(str(path), "pt") as f:
         state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -244,7 +239,7 @@ def _read_checkpoint(path: Path, layers: list[int], d_in: int) -> dict:
         raise Damaged(f"holds {sorted(state)}, expected {sorted(wanted)}")
     for l in layers:
         _check_square(f"sum.{l}", state[f"sum.{l}"], d_in)
-    _check_digest(state, meta)
+    check_digest(state, meta)
     return state
 
 
@@ -270,7 +265,7 @@ def _read_stats(path: Path, expected: dict[str, str], sample: Sample, d_in: int)
             raise Damaged(f"its metadata has {field}={meta.get(field)!r}, expected a positive count")
     if sample.unit == "tokens" and sample.n is not None and int(meta["n_tokens"]) != sample.n:
         raise Damaged(f"it counts {meta['n_tokens']} tokens, its name {sample.n}")
-    _check_digest({"C": C}, meta)
+    check_digest({"C": C}, meta)
     return C, meta
 
 
