@@ -2,6 +2,9 @@
 
 Tiny models use the real SmolLM2 tokenizer (vocab 49152) with hidden size 32, so prompts, subjects and targets
 tokenize as they do on the embedded model while every forward pass stays cheap.
+
+The models these fixtures make go where LMEDIT_DEVICE says (the CPU when it is unset), as the CLI's do:
+`LMEDIT_DEVICE=cuda pytest ...` runs the model-level tests with the model on a GPU (benchmarks/device.sh).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 
 import lmedit.models
 from lmedit.models.loading import _finish, cache_dir
+from lmedit.models.placement import Placement
 
 # One intra-op thread by default: these models are tiny, and on a busy 2-core machine two OpenMP threads wait on
 # each other so long that a 32x64 matmul takes ~15 ms instead of ~4 us (even SmolLM2 runs 5x slower with 2).
@@ -25,12 +29,15 @@ USER_CACHE = cache_dir()
 SMOL_DIR = USER_CACHE / "models" / "smollm2-135m"
 
 TINY_KINDS = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma3_text"]
+# Where the fixtures' models run, read once as the session starts (tests that set LMEDIT_DEVICE themselves, with
+# monkeypatch, test the option and do not move the shared models).
+TEST_DEVICE = os.environ.get("LMEDIT_DEVICE") or None
 
 
 @pytest.fixture(scope="session")
 def smol():
     """The embedded model (creates the dequantised cached copy on first use)."""
-    return lmedit.models.load_model("smollm2-135m")
+    return lmedit.models.load_model("smollm2-135m", placement=Placement(device=TEST_DEVICE))
 
 
 def _smol_tokenizer_dir() -> Path:
@@ -89,7 +96,7 @@ def tiny_model(tokenizer):
     def make(kind: str, vocab_size: int | None = None):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(tiny_config(kind, vocab_size or len(tokenizer)))
-        model = model.to(torch.float32)
+        model = Placement(device=TEST_DEVICE).place(model)  # float32, on the test device
         return _finish(model, tokenizer, f"tiny-{kind}")
 
     return make

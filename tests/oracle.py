@@ -174,15 +174,28 @@ def _v_star(model, tok, request, templates, L, cfg):
 
 
 def through_post_norm(model, l, m, r):
-    """The change of W_l's output that moves the residual by r through Gemma's post-MLP norm (if any)."""
+    """The change of W_l's output that moves the residual by r through Gemma's post-MLP norm (if any): W's output
+    keeps its length ‖m‖ and turns to the unit direction x whose normed output G ⊙ x is nearest to N(m) + r."""
     name = arch_for(model).mlp_out_norm
     if name is None:
         return r
     norm = getattr_path(blocks(model)[l], name)
     g = 1.0 + norm.weight.detach().double()  # Gemma's RMSNorm: (1 + w) ⊙ x / rms(x)
-    y = g * m / torch.sqrt((m ** 2).mean(-1, keepdim=True) + norm.eps)
-    u = (y + r) / g
-    return m.norm(dim=-1, keepdim=True) * u / u.norm(dim=-1, keepdim=True) - m
+    rms = torch.sqrt((m ** 2).mean(-1, keepdim=True) + norm.eps)
+    t = g * m / rms + r  # where the normed output should go
+    G = g * m.norm(dim=-1, keepdim=True) / rms  # N(‖m‖ x) = G ⊙ x for a unit x
+    rows = []
+    for Gi, ti in zip(G, t):  # min ‖G x − t‖ on the unit sphere: x = G t / (G² + ν), ‖x‖ = 1, ν > −min G²
+        lo, hi = -float((Gi ** 2).min()), float((Gi * ti).norm())
+        for _ in range(300):
+            nu = (lo + hi) / 2
+            if float((Gi * ti / (Gi ** 2 + nu)).norm()) > 1:
+                lo = nu
+            else:
+                hi = nu
+        rows.append(Gi * ti / (Gi ** 2 + (lo + hi) / 2))
+    x = torch.stack(rows)
+    return m.norm(dim=-1, keepdim=True) * x / x.norm(dim=-1, keepdim=True) - m
 
 
 def W_output(model, tok, request, l):
@@ -216,3 +229,90 @@ def rome(model, tok, requests, templates, layer, value_cfg):
     """ROME: one request at a time, each a one-layer equality edit on the model edited so far."""
     for r in requests:
         edit_batch(model, tok, [r], templates, [layer], "equality", 1.0, 0.0, value_cfg, average="uniform")
+
+
+# --- AlphaEdit (Fang et al. 2025) and UltraEdit (Gu et al. 2025), as plainly ---
+
+def null_space_projection(C, threshold):
+    """P = U₀U₀ᵀ over the eigenvectors of C with eigenvalue below `threshold` (the reference's S < threshold)."""
+    S, U = torch.linalg.eigh(C.double())
+    U0 = U[:, S < threshold]
+    return U0 @ U0.T
+
+
+def alphaedit_batch(model, tok, requests, templates, layers, C, threshold, alpha, edited_grams, value_cfg):
+    """One AlphaEdit batch in place: MEMIT's loop with ΔW_l = R Kᵀ P ((KKᵀ + K_pK_pᵀ) P + αI)⁻¹, then the batch's
+    keys (read on the edited model) are added to `edited_grams` (K_pK_pᵀ per layer), as the reference does."""
+    L = layers[-1]
+    found = [v_star(model, tok, r, templates, L, value_cfg) for r in requests]
+    z_star = torch.stack([v0 + d for v0, d in found])
+    for i, l in enumerate(layers):
+        K = torch.stack([k_star(model, tok, r, templates, l) for r in requests]).T
+        z = torch.stack([site_value(model, tok, r, L, "residual") for r in requests])
+        m = torch.stack([W_output(model, tok, q, l) for q in requests])
+        R = through_post_norm(model, l, m, (z_star - z) / (len(layers) - i)).T
+        P = null_space_projection(C[l], threshold)
+        eye = torch.eye(K.shape[0], dtype=torch.float64)
+        dW = R @ K.T @ P @ torch.linalg.inv((K @ K.T + edited_grams[l]) @ P + alpha * eye)
+        add_to_W(model, l, dW)
+    for l in layers:
+        K = torch.stack([k_star(model, tok, r, templates, l) for r in requests]).T
+        edited_grams[l] = edited_grams[l] + K @ K.T
+
+
+def ultraedit_batch(model, tok, requests, layers, lr, seen_features):
+    """One UltraEdit batch in place. Each request alone, whole: k (W_l's input) and g (the gradient of the batch's
+    mean target NLL at W_l's output) at the positions predicting target tokens. Every feature row [k, g] ever seen
+    (`seen_features`, per weight shape, this batch's included) gives the mean and the unbiased std directly;
+    v = −lr ‖k̂‖² ĝ; ΔW = Vᵀ K (KᵀK + I)⁻¹."""
+    eps = float(torch.finfo(torch.float32).eps)
+    rows = []
+    for r in requests:
+        _, cont = join_prompt_target(r.prompt, r.target_new)
+        prompt = tok(r.prompt, add_special_tokens=True)["input_ids"]
+        target = tok(cont, add_special_tokens=False)["input_ids"]
+        rows.append((prompt + target[:-1], len(prompt) - 1, target))
+    n_targets = sum(len(t) for _, _, t in rows)
+    K = {l: [] for l in layers}
+    G = {l: [] for l in layers}
+    for ids, first, target in rows:
+        positions = list(range(first, first + len(target)))
+        seen = {}
+
+        def keep(l):
+            def hook(module, args, output):
+                output.retain_grad()
+                seen[l] = (args[0].detach(), output)
+            return hook
+
+        handles = [W_module(model, l).register_forward_hook(keep(l)) for l in layers]
+        for l in layers:
+            W_module(model, l).weight.requires_grad_(True)
+        try:
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            nll = -logits.double().log_softmax(-1)[positions, target].sum() / n_targets
+            nll.backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for l in layers:
+                W_module(model, l).weight.requires_grad_(False)
+                W_module(model, l).weight.grad = None
+        for l in layers:
+            K[l].append(seen[l][0][0, positions].double())
+            G[l].append(seen[l][1].grad[0, positions].double())
+    K = {l: torch.cat(K[l]) for l in layers}
+    G = {l: torch.cat(G[l]) for l in layers}
+    shape = {l: tuple(W_matrix(model, l).shape) for l in layers}
+    for l in layers:
+        seen_features.setdefault(shape[l], []).append(torch.cat([K[l], G[l]], 1))
+    for l in layers:
+        X = torch.cat(seen_features[shape[l]])
+        mean = X.mean(0)
+        std = torch.sqrt(((X - mean) ** 2).sum(0) / (X.shape[0] - 1 + eps))
+        Z = (torch.cat([K[l], G[l]], 1) - mean) / (std + eps)
+        d_in = K[l].shape[1]
+        k_hat, g_hat = Z[:, :d_in], Z[:, d_in:]
+        V = -lr * (k_hat ** 2).sum(1, keepdim=True) * g_hat
+        dW = V.T @ K[l] @ torch.linalg.inv(K[l].T @ K[l] + torch.eye(d_in, dtype=torch.float64))
+        add_to_W(model, l, dW)

@@ -263,7 +263,7 @@ def test_device_and_device_map_together(monkeypatch, capsys, tmp_path, model_dir
     monkeypatch.setenv("LMEDIT_DEVICE_MAP", "auto")
     reqs = jsonl(tmp_path / "r.jsonl", [GOOD])
     assert_refused(*run_cli(monkeypatch, capsys, "edit", "--requests", reqs, "--out", tmp_path / "p",
-                            "--model", model_dir), "LMEDIT_DEVICE or LMEDIT_DEVICE_MAP")
+                            "--model", model_dir), "--device (LMEDIT_DEVICE) or LMEDIT_DEVICE_MAP, not both")
 
 
 # ---- settings

@@ -138,7 +138,7 @@ def test_valid_values_are_kept_exactly(method, key, setting):
     ("layers", "abc", "layers must be a comma list of integers such as 2,3,4, got 'abc'"),
     ("layers", "2,-1", "layers must be a comma list of integers >= 0 such as 2,3,4, got '2,-1'"),
     ("stats_n", "0", "stats_n must be an integer >= 1 or 'all', got '0'"),
-    ("solver", "magic", "solver must be one of least_squares, equality, got 'magic'"),
+    ("solver", "magic", "solver must be one of least_squares, equality, null_space, got 'magic'"),
     ("value.site", "stream", "value.site must be one of residual, mlp_out, got 'stream'"),
 ])
 def test_messages(key, value, message):

@@ -18,13 +18,13 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmedit"
 
 LAYERS = {  # higher imports lower, never the reverse
-    "cli": 6, "demo": 6, "bench": 6,
+    "cli": 6, "demo": 6, "bench": 6, "ui": 6,
     "evaluate": 5,
     "editors": 4, "backpack": 4,
     "locate": 3,
     "stats": 2,
     "models": 1,
-    "errors": 0, "fileio": 0, "settings": 0, "patches": 0, "patch_integrity": 0, "requests": 0, "checkpoints": 0,
+    "errors": 0, "fileio": 0, "settings": 0, "patches": 0, "patch_integrity": 0, "requests": 0, "checkpoints": 0, "carried": 0,
     "__init__": 0,
 }
 MAX_LINES = 400

@@ -6,7 +6,8 @@ Every part compares two ways of doing the same work in one run, so its ratio sur
 - values: batched v* vs one request at a time, with and without replaying the layers below the edit layer,
   and vs the reference implementations' way (every full prompt at every step);
 - editors: seconds per edit of ROME, MEMIT and EMMET (statistics excluded);
-- ft_vs_memit: wall time of one mass edit, FT-conditional + augmentation vs MEMIT.
+- ft_vs_memit: wall time of one mass edit, FT-conditional + augmentation vs MEMIT;
+- lifelong: seconds per edit of the training-free UltraEdit vs MEMIT, the same 100 requests in one batch each.
 Results go to OUT/locate.json and OUT/locate.md after every part (an interrupted run keeps what it measured).
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("scoring", "stats", "values", "editors", "ft_vs_memit")
+PARTS = ("scoring", "stats", "values", "editors", "ft_vs_memit", "lifelong")
 
 
 def timed(fn):
@@ -152,6 +153,21 @@ def bench_ft_vs_memit(lm, requests, facts_file):
     return rows
 
 
+def bench_lifelong(lm, requests):
+    """Seconds per edit of UltraEdit (one forward/backward, no v*, no C) vs MEMIT on the same requests, one batch
+    each, C loaded before the clock starts. Neither reuses v* (no ValueStore is active)."""
+    from lmedit.editors import get_editor, make_config
+
+    n, rows = len(requests), {"lifelong_n": len(requests)}
+    for method in ("memit", "ultraedit"):
+        cfg = make_config(method, lm.name, lm.model)
+        patch, dt = timed(lambda: get_editor(method).fn(lm.model, lm.tokenizer, requests, cfg, progress=False,
+                                                        announce=lambda *_: None))
+        rows[f"lifelong_{method}_s_per_edit"] = (dt - patch.meta["timing"]["stats_seconds"]) / n
+    rows["lifelong_memit_over_ultraedit"] = rows["lifelong_memit_s_per_edit"] / rows["lifelong_ultraedit_s_per_edit"]
+    return rows
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -178,11 +194,12 @@ def run_bench(lm, requests, out: Path, parts=PARTS, *, facts_file: Path | None =
     from lmedit.stats.moments import load_or_compute
 
     check_parts(parts, facts_file)
-    needs = {"scoring": [scoring_n], "values": [values_n, reference_n], "editors": list(sizes), "ft_vs_memit": [mass_n]}
+    needs = {"scoring": [scoring_n], "values": [values_n, reference_n], "editors": list(sizes), "ft_vs_memit": [mass_n],
+             "lifelong": [100]}
     need = max((n for part in parts for n in needs[part]), default=1)
     if need > len(requests):
         raise InputError(f"the chosen parts need {need} records, the data has {len(requests)}")
-    for method in ("rome", "memit", "emmet") if {"editors", "ft_vs_memit"} & set(parts) else ():
+    for method in ("rome", "memit", "emmet") if {"editors", "ft_vs_memit", "lifelong"} & set(parts) else ():
         cfg = make_config(method, lm.name, lm.model)  # statistics are not part of the edit timings
         load_or_compute(lm.model, lm.tokenizer, list(cfg.layers), cfg.stats_corpus, cfg)
     result = {"model": lm.name, "torch_threads": torch.get_num_threads()}
@@ -193,7 +210,8 @@ def run_bench(lm, requests, out: Path, parts=PARTS, *, facts_file: Path | None =
              "stats": lambda: bench_stats(lm, stats_tokens),
              "values": lambda: bench_batched_values(lm, requests, values_n, reference_n),
              "editors": lambda: bench_editors(lm, requests, list(sizes)),
-             "ft_vs_memit": lambda: bench_ft_vs_memit(lm, requests[:mass_n], facts_file)}
+             "ft_vs_memit": lambda: bench_ft_vs_memit(lm, requests[:mass_n], facts_file),
+             "lifelong": lambda: bench_lifelong(lm, requests[:100])}
     for name in PARTS:
         if name not in parts:
             continue

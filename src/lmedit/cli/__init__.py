@@ -11,7 +11,7 @@ import traceback
 
 import typer
 
-from lmedit.cli import backpack, bench, canonical, edit, evaluate, stats, trace
+from lmedit.cli import backpack, bench, canonical, chat, edit, evaluate, stats, trace, ui
 from lmedit.cli.common import VERBOSE, err_console
 from lmedit.errors import LmeditError
 
@@ -31,6 +31,8 @@ app.command()(edit.export)
 app.command()(evaluate.report)
 app.command()(trace.trace)
 app.command()(bench.bench)
+app.command()(ui.ui)
+app.command()(chat.chat)
 eval_app.command("counterfact")(evaluate.eval_counterfact)
 eval_app.command("zsre")(evaluate.eval_zsre)
 eval_app.command("merge")(evaluate.eval_merge)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from lmedit.cli.common import DeviceOpt
 from lmedit.errors import InputError
 
 
@@ -15,8 +16,9 @@ def bench(data: Path = typer.Option(..., "--data", "-d", help="CounterFact-forma
           out: Path = typer.Option(..., "--out", "-o", help="output directory: locate.json and locate.md"),
           model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, an HF directory, "
                                     "or a .gguf file"),
+          device: Optional[str] = DeviceOpt,
           parts: str = typer.Option("scoring,stats,values,editors", "--parts", help="comma list of scoring, "
-                                    "stats, values, editors, ft_vs_memit"),
+                                    "stats, values, editors, ft_vs_memit, lifelong"),
           facts: Optional[Path] = typer.Option(None, "--facts", help="random-fact pool of ft_vs_memit"),
           sizes: str = typer.Option("10,100", "--sizes", help="editors: MEMIT/EMMET batch sizes"),
           values_n: int = typer.Option(100, "--values-n", help="values: requests optimised together"),
@@ -50,7 +52,7 @@ def bench(data: Path = typer.Option(..., "--data", "-d", help="CounterFact-forma
             raise InputError(f"{name} must be at least 1, got {value}")
     check_writable(out / "locate.json", force)
     requests = load_requests(data)
-    lm = load_lm(model)
+    lm = load_lm(model, device)
     run_bench(lm, requests, out, chosen, facts_file=facts, sizes=batch_sizes, values_n=values_n,
               reference_n=reference_n, stats_tokens=stats_tokens, scoring_n=scoring_n, mass_n=mass_n)
     console.print((out / "locate.md").read_text(), markup=False, highlight=False)

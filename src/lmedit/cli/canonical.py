@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from lmedit.cli.common import DeviceOpt
 from lmedit.errors import InputError
 
 _SPLIT_HELP = ("split of the reported numbers: NAME reads *-NAME.jsonl; NAME:a / NAME:b is the first / second half "
@@ -68,6 +69,7 @@ def eval_canonical(
                                              "(default: 1e-3,1e-4,1e-5)"),
         out: Path = typer.Option(..., "--out", "-o", help="result JSON (with --all also OUT.md and OUT.png)"),
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, an HF directory or a .gguf"),
+        device: Optional[str] = DeviceOpt,
         trials: int = typer.Option(0, "--trials", help="Optuna trials per (task, method, league); 0 = one run "
                                    "with the given settings"),
         storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL shared by several machines "
@@ -156,13 +158,13 @@ def eval_canonical(
         se.check_storage(storage)
 
     # ---- the work
-    lm = load_lm(model)
+    lm = load_lm(model, device)
     if ensemble_with:
         from lmedit.models.arch import arch_for
         from lmedit.backpack.ensemble import EnsembleLM
         from lmedit.models.loading import LoadedModel
 
-        big = load_lm(ensemble_with)
+        big = load_lm(ensemble_with, device)
         ensemble = EnsembleLM(big.model, lm.model)
         lm = LoadedModel(ensemble, big.tokenizer, arch_for(ensemble), f"{big.name}+backpack({lm.name})")
     protocol = cr.Protocol(str(general), n_docs=n_docs, max_tokens=max_tokens, leagues=tuple(leagues),

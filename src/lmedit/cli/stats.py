@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lmedit.cli.common import ModelOpt, console, load_lm, parse_layers
+from lmedit.cli.common import DeviceOpt, ModelOpt, console, load_lm, parse_layers
 from lmedit.errors import InputError
 from lmedit.stats.sampling import Sample
 
@@ -29,7 +29,7 @@ def _sample(unit: str, n: str, max_length: int, seed: int, tokens: Optional[int]
     return Sample.parse(unit, n, max_length, seed)
 
 
-def stats_compute(model: str = ModelOpt,
+def stats_compute(model: str = ModelOpt, device: Optional[str] = DeviceOpt,
                   layers: str = typer.Option(..., help="comma-separated layers, e.g. 2,3,4"),
                   corpus: str = CorpusOpt, unit: str = UnitOpt, n: str = NOpt, max_length: int = MaxLenOpt,
                   seed: int = SeedOpt, tokens: Optional[int] = TokensOpt) -> None:
@@ -47,10 +47,7 @@ def stats_compute(model: str = ModelOpt,
     from lmedit.stats.moments import join_process_group, load_or_compute, stats_path
 
     sample = _sample(unit, n, max_length, seed, tokens)
-    device = join_process_group()
-    lm = load_lm(model)
-    if device is not None:
-        lm.model.to(device)
+    lm = load_lm(model, join_process_group() or device)  # under torchrun: each rank on its own device
     wanted = parse_layers(layers)
     moments = load_or_compute(lm.model, lm.tokenizer, wanted, corpus, sample, announce=console.print)
     console.print(f"C over {moments.description}")
@@ -58,7 +55,7 @@ def stats_compute(model: str = ModelOpt,
         console.print(f"layer {l}: {stats_path(lm.model, l, moments.corpus_id, moments.sample)}")
 
 
-def stats_inspect(model: str = ModelOpt,
+def stats_inspect(model: str = ModelOpt, device: Optional[str] = DeviceOpt,
                   layer: int = typer.Option(..., help="layer"),
                   corpus: str = CorpusOpt, unit: str = UnitOpt, n: str = NOpt, max_length: int = MaxLenOpt,
                   seed: int = SeedOpt, tokens: Optional[int] = TokensOpt) -> None:
@@ -75,7 +72,7 @@ def stats_inspect(model: str = ModelOpt,
     from lmedit.stats.moments import as_sample, cached_stats, stats_path, whole_if_larger
 
     wanted = _sample(unit, n, max_length, seed, tokens)
-    lm = load_lm(model)
+    lm = load_lm(model, device)
     check_layer(lm.model, layer)
     source = get_corpus(corpus)
     wanted = whole_if_larger(as_sample(wanted, lm.model), source)

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from lmedit.cli.common import DeviceOpt
 from lmedit.errors import InputError
 
 
@@ -32,6 +33,7 @@ def trace(prompt: Optional[str] = typer.Option(None, "--prompt", help="a prompt 
                                    "fact and kind"),
           model: str = typer.Option("smollm2-135m", "--model", "-m", help="smollm2-135m, an HF directory, "
                                     "or a .gguf file"),
+          device: Optional[str] = DeviceOpt,
           force: bool = typer.Option(False, "--force", help="overwrite an existing output")) -> None:
     """Causal tracing (ROME §2.1): corrupt the subject's embeddings with noise, restore one hidden state at a
     time, and plot how much of P(answer) each one brings back. With MLP traces of several facts, suggests
@@ -70,7 +72,7 @@ def trace(prompt: Optional[str] = typer.Option(None, "--prompt", help="a prompt 
     check_writable(out, force)
 
     # ---- the work
-    lm = load_lm(model)
+    lm = load_lm(model, device)
     if requests is not None:
         facts, read = known_facts(lm.model, lm.tokenizer, pool, limit)
         console.print(f"{len(facts)} fact(s) the model knows (its top next token is the true answer) among the "

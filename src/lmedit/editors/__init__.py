@@ -18,7 +18,7 @@ from lmedit.settings import SettingError, setting_of
 
 # The built-in methods by name, known without importing them (the CLI's help is built from this at start-up, before
 # torch loads); tests check that it matches what the modules register.
-BUILTIN_METHODS = ("rome", "memit", "emmet", "ft", "ft-conditional", "lora")
+BUILTIN_METHODS = ("rome", "memit", "emmet", "alphaedit", "ultraedit", "ft", "ft-conditional", "lora")
 
 
 def get_editor(name: str) -> Editor:
@@ -34,7 +34,8 @@ def editor_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from lmedit.editors import emmet, finetune, lora, memit, rome  # noqa: F401  (each registers itself)
+    # each registers itself
+    from lmedit.editors import alphaedit, emmet, finetune, lora, memit, rome, ultraedit  # noqa: F401
 
 
 def optional_float(value, name: str) -> float | None:
@@ -115,3 +116,23 @@ def make_config(method: str, model_name: str, model, overrides: dict[str, Any] |
     for layer in getattr(config, "layers", ()):  # the declaration checks the type; the model knows its depth
         check_layer(model, layer)
     return config
+
+
+def new_state(method: str, model_name: str, model, config):
+    """A fresh carried state for a sequence of `method`'s edits on `model` as it is now (before the first edit)."""
+    from lmedit.carried import CarriedState
+    from lmedit.models.arch import mlp_out_name
+    from lmedit.patches import fingerprint
+
+    names = [f"{mlp_out_name(model, l)}.weight" for l in config.layers]
+    return CarriedState(method, model_name, model.config.model_type, fingerprint(model, names))
+
+
+def load_state(directory, method: str, model_name: str, model, config):
+    """The carried state saved in `directory`, refused unless it is `method`'s on this model (before any edit)."""
+    from lmedit.carried import CarriedState
+
+    state = CarriedState.load(directory)
+    here = new_state(method, model_name, model, config)
+    state.check_belongs(method, here.model, here.model_type, here.base_fingerprint)
+    return state

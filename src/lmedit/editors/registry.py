@@ -16,10 +16,13 @@ class Editor:
     config_cls: type
     fn: Callable  # fn(model, tokenizer, requests, config, progress=True) -> Patch
     summary: str
+    # a lifelong editor: fn also takes `state=` (lmedit.carried.CarriedState), carried from batch to batch of a
+    # sequence and updated in place by each edit
+    carries_state: bool = False
 
 
 EDITORS: dict[str, Editor] = {}
 
 
-def register_editor(name: str, config_cls: type, fn: Callable, summary: str) -> None:
-    EDITORS[name] = Editor(name, config_cls, fn, summary)
+def register_editor(name: str, config_cls: type, fn: Callable, summary: str, carries_state: bool = False) -> None:
+    EDITORS[name] = Editor(name, config_cls, fn, summary, carries_state)

@@ -206,6 +206,30 @@ def _sweep_plot(task: str, sweeps: dict[str, list[dict]], path: Path, headline: 
     plt.close(fig)
 
 
+def _curve_plot(task: str, runs: list[dict], path: Path, variants: dict[int, str], headline: str) -> None:
+    """Forgetting curves: each plotted metric against the edits made so far, one line per sequential run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = plotted_metrics(task, runs, headline)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, r in enumerate(runs):
+            points = r["curve"]["points"]
+            ax.plot([q["edits"] for q in points], [q["metrics"].get(metric) or 0 for q in points],
+                    label=_label(r, variants), marker="os^dv"[i % 5], linestyle=("-", "--", ":", "-.")[i % 4])
+        ax.set_title(metric)
+        ax.set_xlabel("edits made so far")
+    axes[0][0].set_ylim(0, 1.05)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _sweeps(results: list[dict], variants: dict[int, str]) -> dict[str, list[dict]]:
     """Curves: per series, one result per batch size (the one on most records); only series with 2+ sizes."""
     best: dict[str, dict[int, dict]] = defaultdict(dict)
@@ -261,6 +285,15 @@ def build_report(paths: list[Path], out_dir: Path, headline: str = "reference") 
                       "Each point: B edits applied together, averaged over the batches of its run (runs on "
                       "different numbers of records share a curve; at equal B the run on more records is used).",
                       "", f"![{task} metric vs number of edits]({curve.name})", ""]
+    for task in dict.fromkeys(t for t, _ in groups):
+        runs = [r for r in results if r["task"] == task and r.get("curve")]
+        if runs:
+            figure = out_dir / f"{task}_forgetting.png"
+            _curve_plot(task, runs, figure, variants, headline)
+            scored = "; ".join(sorted({f"{_label(r, variants)}: {r['curve']['scored']}" for r in runs}))
+            lines += [f"## {task}: forgetting, metrics against the edits made so far", "",
+                      f"Sequential runs, scored as they grew (0: the unedited model). Scored: {scored}.", "",
+                      f"![{task} forgetting curves]({figure.name})", ""]
     if ctable:
         from lmedit.evaluate.search import plot_table, render_markdown
 

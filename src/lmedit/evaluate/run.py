@@ -8,7 +8,8 @@ batch sizes computes them once and passes them on), and a ValueStore lets every 
 v* (see locate/value_store.py).
 
 Runs stream their progress to a JSONL journal (a header naming the run, the baseline, then one line per
-batch; sequential runs also keep each batch's patch beside it). `resume=True` picks up where an interrupted
+batch; sequential runs also keep each batch's patch beside it, and a lifelong editor's carried state after the
+last batch done: lmedit.carried). `resume=True` picks up where an interrupted
 run stopped and gives the same result as an uninterrupted one.
 """
 
@@ -26,7 +27,8 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from lmedit.checkpoints import train_dir_beside
-from lmedit.editors import get_editor, make_config
+from lmedit.carried import CarriedState
+from lmedit.editors import get_editor, make_config, new_state
 from lmedit.editors.finetune import checkpoint_training
 from lmedit.errors import InputError
 from lmedit.evaluate import protocols
@@ -54,9 +56,10 @@ def discard_journal(path: Path) -> None:
     _remove_beside(path)
 
 
-def _beside(path: Path) -> tuple[Path, Path]:
-    """What a run keeps next to its journal: sequential patches, and the training state of the batch in hand."""
-    return path.with_name(path.name + ".patches"), train_dir_beside(path)
+def _beside(path: Path) -> tuple[Path, Path, Path]:
+    """What a run keeps next to its journal: sequential patches, the training state of the batch in hand, and a
+    lifelong editor's carried state after each batch done."""
+    return path.with_name(path.name + ".patches"), train_dir_beside(path), path.with_name(path.name + ".state")
 
 
 def _remove_beside(path: Path) -> None:
@@ -92,6 +95,10 @@ class Journal:
     def train_dir(self) -> Path:
         return _beside(self.path)[1]
 
+    @property
+    def state_dir(self) -> Path:
+        return _beside(self.path)[2]
+
     def find(self, key: str, value=True) -> dict | None:
         return next((l for l in self.lines if l.get(key) == value), None)
 
@@ -110,13 +117,44 @@ def _signature(lm: LoadedModel, method: str, config, requests, batch_size: int, 
             "scoring": protocols.VERSION}
 
 
+CURVE_SEED = 0
+
+
+def _curve_point(model, tok, made: list[EditRequest], scorer, aggregator, score_batch_size: int,
+                 sample: int | None) -> dict:
+    """The metrics of the edits made so far (or of a seeded sample of them), as the model is now."""
+    import random
+
+    if sample is not None and sample < len(made):
+        made = [made[i] for i in sorted(random.Random(CURVE_SEED).sample(range(len(made)), sample))]
+    metrics = aggregator(scorer(model, tok, made, batch_size=score_batch_size))
+    return {k: v for k, v in metrics.items() if k != "protocol"}
+
+
+def _keep_state(log: Journal, i: int, state: CarriedState) -> None:
+    (log.state_dir / str(i)).mkdir(parents=True, exist_ok=True)
+    state.save(log.state_dir / str(i))
+
+
+def _resume_state(log: Journal, i: int, method: str, fresh: CarriedState) -> CarriedState:
+    """The carried state saved after batch i, refused unless it belongs to this model before any edit."""
+    state = CarriedState.load(log.state_dir / str(i))
+    state.check_belongs(method, fresh.model, fresh.model_type, fresh.base_fingerprint)
+    return state
+
+
 def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], batch_size: int | None = None,
                   sequential: bool = False, overrides: dict | None = None, task: str = "counterfact",
                   scorer: Scorer = score_counterfact, aggregator=aggregate, score_batch_size: int = 64,
                   progress: bool = True, announce=print, journal: Path | None = None, resume: bool = False,
                   value_store: ValueStore | None = None, baseline: dict | None = None,
-                  keep_baseline_records: bool = False) -> dict:
+                  keep_baseline_records: bool = False, curve_at: tuple[int, ...] = (),
+                  curve_sample: int | None = None) -> dict:
     """Edit `requests` with `method` and score them; returns the DESIGN §8 result dict (+ per-record list).
+
+    `curve_at` (sequential runs): after the batch that brings the edits made so far to each of these counts, score
+    those edits (all of them, or a seeded sample of `curve_sample`), giving the forgetting curve in
+    result["curve"]; the final scoring of every record is its last point.
 
     `baseline`: a dict shared by runs on the same model, requests and scorer. An empty one is filled with the
     unedited scores; a filled one is used instead of scoring the unedited model again. `keep_baseline_records`
@@ -129,7 +167,10 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
     editor = get_editor(method)
     config = make_config(method, lm.name, lm.model, overrides)
     model, tok = lm.model, lm.tokenizer
-    log = Journal(journal, _signature(lm, method, config, requests, batch_size, sequential, task), resume)
+    header = _signature(lm, method, config, requests, batch_size, sequential, task)
+    if curve_at:
+        header["curve"] = {"at": sorted(curve_at), "sample": curve_sample}
+    log = Journal(journal, header, resume)
 
     base_line = next((l for l in log.lines if "baseline_records" in l), None)
     if base_line is None and baseline and not hasattr(scorer, "reference"):
@@ -151,6 +192,22 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
     applied = []
     batches = _batches(requests, batch_size)
     reused_before = value_store.hits if value_store is not None else 0
+    # a lifelong editor in a sequence carries its state from batch to batch (fresh: made on the unedited model)
+    carried = new_state(method, lm.name, model, config) if sequential and editor.carries_state else None
+
+    def curve_point_after(i: int) -> float:
+        """Score the forgetting curve's point if batch i brings the edits made so far to a `curve_at` count (once:
+        a resumed run finds it in the journal). Returns the seconds spent."""
+        done = sum(len(b) for b in batches[:i + 1])
+        due = any(done - len(batches[i]) < n <= done for n in curve_at) and done < len(requests)
+        if not due or log.find("curve", done) is not None:
+            return 0.0
+        t0 = time.perf_counter()
+        log.write({"curve": done, "metrics": _curve_point(model, tok, requests[:done], scorer, aggregator,
+                                                          score_batch_size, curve_sample)})
+        return time.perf_counter() - t0
+
+    state, resumed_state = carried, False
     try:
         for i, batch in enumerate(tqdm(batches, desc=f"{method} {'sequential' if sequential else 'batches'} of "
                                        f"{batch_size}", disable=not progress or len(batches) == 1)):
@@ -160,12 +217,17 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
                 eval_seconds += line.get("eval_seconds", 0.0)
                 if sequential:
                     applied.append(Patch.load(log.patch_dir / str(i)).apply(model, force=True))  # digest-checked
+                    eval_seconds += curve_point_after(i)  # if the run stopped before scoring it
                 else:
                     records += line["records"]
                 continue
+            if carried is not None and i > 0 and journal is not None and not resumed_state:
+                state = _resume_state(log, i - 1, method, carried)  # the state after the last batch done
+            resumed_state = True
             t0 = time.perf_counter()
+            kwargs = {"state": state} if carried is not None else {}
             with reusing_values(value_store), checkpoint_training(log.train_dir if journal is not None else None):
-                patch = editor.fn(model, tok, batch, config, progress=progress, announce=announce)
+                patch = editor.fn(model, tok, batch, config, progress=progress, announce=announce, **kwargs)
             if journal is not None and log.train_dir.exists():
                 shutil.rmtree(log.train_dir)  # this batch's edit is done; the next one starts afresh
             spent = time.perf_counter() - t0 - patch.meta.get("timing", {}).get("stats_seconds", 0.0)
@@ -175,7 +237,12 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
                 applied.append(handle)
                 if journal is not None:
                     patch.save(log.patch_dir / str(i), force=True)
+                    if state is not None:
+                        _keep_state(log, i, state)
                 log.write({"batch": i, "edit_seconds": spent})
+                eval_seconds += curve_point_after(i)
+                if journal is not None and state is not None:
+                    shutil.rmtree(log.state_dir / str(i - 1), ignore_errors=True)  # batch i's is the one kept
                 continue
             try:
                 t0 = time.perf_counter()
@@ -195,6 +262,13 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
             handle.revert()
 
     metrics, baseline = aggregator(records), aggregator(baseline_records)
+    curve = None
+    if sequential and curve_at:
+        points = [{"edits": l["curve"], "metrics": l["metrics"]} for l in log.lines if "curve" in l]
+        points.append({"edits": len(requests), "metrics": {k: v for k, v in metrics.items() if k != "protocol"}})
+        curve = {"scored": "every edit made so far" if curve_sample is None else
+                 f"a sample of at most {curve_sample} of the edits made so far (seed {CURVE_SEED})",
+                 "points": [{"edits": 0, "metrics": {k: v for k, v in baseline.items() if k != "protocol"}}] + points}
     for rec, base in zip(records, baseline_records):
         rec["baseline"] = {k: base.get(k) for k in protocols.RECORD_METRICS if k in base}
     result = {
@@ -214,6 +288,8 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
                    "values_reused": (value_store.hits - reused_before) if value_store is not None else 0},
         "records": records,
     }
+    if curve is not None:
+        result["curve"] = curve
     if keep_baseline_records:
         result["baseline_records"] = baseline_records
     return result

@@ -7,6 +7,11 @@
    the residual), share R = (Z* − Z) / (layers left) mapped to W_l's output space (sites.py), ΔW_l from the
    solver, applied.
 3. Everything applied is reverted before returning: the model leaves as it came; the result is a Patch.
+
+AlphaEdit is the same loop with the null-space solver: each ΔW_l is projected onto the directions general-text
+keys do not use (P_l, from C_l), and a carried state (lmedit.carried) holds the keys of the edits made so far in a
+sequence, so a later batch does not overwrite them; the state is updated with this batch's keys, read with every
+layer's update in place, as the reference code does after each batch.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from typing import Literal
 import torch
 
 from lmedit import __version__
+from lmedit.carried import CarriedState
 from lmedit.errors import InputError
 from lmedit.locate.context import context_templates
 from lmedit.locate.keys import KEY_AVERAGES, read_at_subject, working_precision
-from lmedit.locate.solvers import equality_constrained, least_squares
+from lmedit.locate.solvers import equality_constrained, least_squares, null_space_constrained, \
+    null_space_projection
 from lmedit.locate.value_store import find_values
 from lmedit.locate.values import ValueConfig
 from lmedit.locate.sites import residual_to_weight_space
@@ -32,7 +39,7 @@ from lmedit.settings import check_settings, choice, flag, integer, layer_list, n
 from lmedit.stats.moments import load_or_compute
 from lmedit.stats.sampling import ALL, Sample
 
-SOLVERS = ("least_squares", "equality")
+SOLVERS = ("least_squares", "equality", "null_space")
 
 
 @dataclass
@@ -40,9 +47,13 @@ class LocateConfig:
     """Knobs shared by ROME, MEMIT and EMMET. Per-model defaults come from `editors.defaults`."""
 
     layers: tuple[int, ...] = layer_list((4,))  # the MLP output projections to edit; v* is found at the last
-    solver: Literal["least_squares", "equality"] = choice("least_squares", SOLVERS)
+    solver: Literal["least_squares", "equality", "null_space"] = choice("least_squares", SOLVERS)
     mom2_weight: float = number(15000.0, ge=0)  # λ: how strongly C (general-text keys) is preserved
     mu: float = number(0.0, ge=0)  # equality solver: ridge on KᵀC⁻¹K (EMMET needs > 0 for large batches)
+    # null-space solver (AlphaEdit): eigen-directions of C below this (absolute) eigenvalue are the ones edited
+    null_space_threshold: float = number(2e-2, gt=0)
+    l2: float = number(10.0, gt=0)  # null-space solver: α, the ridge on ΔW (the reference code's L2)
+    carry_edited_keys: bool = flag(True)  # null-space solver in a sequence: protect the keys of earlier edits
     identity_cov: bool = flag(False)  # use C = I instead of statistics (must be asked for; recorded in the patch)
     stats_corpus: str = "wiki"  # corpus for C: 'wiki', a text/JSONL file, or hf:NAME
     stats_unit: str = "tokens"  # what stats_n counts: 'documents' or 'tokens' (checked by stats.sampling.Sample)
@@ -75,6 +86,9 @@ class LocateConfig:
         if self.value.site == "mlp_out" and len(self.layers) > 1:
             raise InputError("value.site=mlp_out reads z at W's output, which misses what earlier edit layers write "
                              "into the residual stream; spread over several layers with value.site=residual")
+        if self.solver == "null_space" and self.identity_cov:
+            raise InputError("the null-space solver projects onto the directions C does not use; with C = I "
+                             "(identity_cov) there are none; drop identity_cov")
         if self.solver == "least_squares" and self.mom2_weight == 0:
             raise InputError("mom2_weight (λ) must be positive for the least-squares solver")
 
@@ -90,9 +104,35 @@ def _reached(v0: torch.Tensor, z_star: torch.Tensor, z_after: torch.Tensor) -> l
     return [round(float(x), 6) for x in 1 - left / want.clamp(min=1e-12)]
 
 
+def _projections(covs, layers: list[int], threshold: float, derived: dict | None) -> dict[int, torch.Tensor]:
+    """P_l for each edit layer (an eigendecomposition of C_l: computed once per sequence, in `derived`); a
+    threshold that keeps no direction is refused before any work is done."""
+    out = {}
+    for l in layers:
+        key = ("null_space_projection", l, threshold, covs.description)
+        P = derived[key] if derived is not None and key in derived else null_space_projection(covs[l], threshold)
+        if derived is not None:
+            derived[key] = P
+        if float(P.trace()) < 0.5:  # rank 0
+            smallest = float(torch.linalg.eigvalsh(covs[l].double())[0])
+            raise InputError(f"null_space_threshold={threshold:g} keeps no direction of C at layer {l} (its smallest "
+                             f"eigenvalue is {smallest:.3g}); nothing was edited; raise the threshold")
+        out[l] = P
+    return out
+
+
+def _edited_gram(state: CarriedState | None, l: int, d_in: int) -> torch.Tensor | None:
+    if state is None:
+        return None
+    return state.tensors.get(f"edited_keys.{l}", torch.zeros(d_in, d_in, dtype=torch.float64))
+
+
 def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: LocateConfig, method: str,
-                     progress: bool = True, announce=print) -> Patch:
-    """Compute the edit for `requests` as a Patch; the model is left exactly as it was."""
+                     progress: bool = True, announce=print, state: CarriedState | None = None) -> Patch:
+    """Compute the edit for `requests` as a Patch; the model is left exactly as it was.
+
+    `state`: the carried state of a sequence of null-space edits (AlphaEdit). Its edited keys enter the solve and
+    are updated in place with this batch's, so pass it only when the patch returned is kept (applied for good)."""
     config.validate(model)
     if not requests:
         raise InputError("no edit requests given")
@@ -107,6 +147,10 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
         covs = load_or_compute(model, tokenizer, layers, config.stats_corpus, config,
                                progress=progress, announce=announce)
     timing["stats_seconds"] = time.perf_counter() - t0
+    projections = _projections(covs, layers, config.null_space_threshold, state.derived if state is not None else None) \
+        if config.solver == "null_space" else {}
+    if not config.carry_edited_keys:
+        state = None
 
     t0 = time.perf_counter()
     templates = context_templates(model, tokenizer, config.n_context, config.context_length, config.seed)
@@ -140,6 +184,9 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
             C = C.to(K.device)
             if config.solver == "least_squares":
                 left, right = least_squares(K, R, C, config.mom2_weight)
+            elif config.solver == "null_space":
+                left, right = null_space_constrained(K, R, projections[l].to(K.device),
+                                                     _edited_gram(state, l, K.shape[0]), config.l2)
             else:
                 left, right = equality_constrained(K, R, C, config.mom2_weight, config.mu)
             left, right = left.to(_weight_dtype(model, l)), right.to(_weight_dtype(model, l))  # ΔW = left @ right, (out, in)
@@ -147,8 +194,14 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
                 Delta(left=left.contiguous(), right=right.contiguous())
             deltas[names[i]] = delta
             applied.append(Patch({names[i]: delta}, {}).apply(model, force=True))  # being computed: not a file
-        _, outs = read_at_subject(model, tokenizer, requests, templates, [], {"z": (L, site)})
+        keys_after, outs = read_at_subject(model, tokenizer, requests, templates, layers if state is not None else [],
+                                           {"z": (L, site)}, key_average=config.key_average)
         reached = _reached(values.v0, z_star, outs["z"])
+        if state is not None:  # the keys of this batch, every layer edited, join those the next batch protects
+            for l in layers:
+                K = keys_after[l].T.double().cpu()
+                state.tensors[f"edited_keys.{l}"] = _edited_gram(state, l, K.shape[0]) + K @ K.T
+            state.n_edits += len(requests)
     finally:
         for handle in reversed(applied):
             handle.revert()
@@ -164,6 +217,10 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
         "covariance": "identity (asked for)" if config.identity_cov else
                       f"second moment over {covs.description}",
         "timing": timing,
+        **({"null_space": {"threshold": config.null_space_threshold, "directions_kept":
+                           {str(l): round(float(P.trace())) for l, P in projections.items()},
+                           "edits_protected_before": (state.n_edits - len(requests)) if state is not None else 0}}
+           if projections else {}),
         "v_star": {"target_prob": values.target_prob.tolist(), "steps": values.steps.tolist(), "site": site,
                    "z_reached": reached},
     }

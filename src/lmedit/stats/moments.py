@@ -195,14 +195,12 @@ def join_process_group() -> str | None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    cuda = torch.cuda.is_available()
+    from lmedit.models.placement import rank_device
+
+    backend, device = rank_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return f"cuda:{local}"
-    return "cpu"
+        dist.init_process_group(backend=backend)
+    return device
 
 
 def shard() -> tuple[int, int]:
