@@ -26,7 +26,7 @@ from lmedit.editors.registry import register_editor
 from lmedit.errors import EditFailure, InputError
 from lmedit.locate.prompts import encode, with_target
 from lmedit.locate.solvers import least_squares
-from lmedit.models.arch import arch_for, check_layer, mlp_out_dims, mlp_out_module, mlp_out_name
+from lmedit.models.arch import arch_for, check_edit_layers, mlp_out_dims, mlp_out_module, mlp_out_name
 from lmedit.models.forward import body, frozen_weights, right_pad, unembed
 from lmedit.patches import Delta, Patch, fingerprint
 from lmedit.settings import check_settings, integer, layer_list, number
@@ -48,12 +48,7 @@ class UltraEditConfig:
 
     def validate(self, model) -> None:
         check_settings(self)
-        if not self.layers:
-            raise InputError("at least one edit layer is needed")
-        for l in self.layers:
-            check_layer(model, l)
-        if list(self.layers) != sorted(set(self.layers)):
-            raise InputError(f"edit layers must be distinct and increasing, got {list(self.layers)}")
+        check_edit_layers(model, self.layers)
 
 
 class RunningMoments:

@@ -32,7 +32,7 @@ from lmedit.locate.solvers import equality_constrained, least_squares, null_spac
 from lmedit.locate.value_store import find_values
 from lmedit.locate.values import ValueConfig
 from lmedit.locate.sites import residual_to_weight_space
-from lmedit.models.arch import arch_for, check_layer, mlp_out_module, mlp_out_name, mlp_out_norm_module
+from lmedit.models.arch import arch_for, check_edit_layers, mlp_out_module, mlp_out_name, mlp_out_norm_module
 from lmedit.patches import Delta, Patch, fingerprint
 from lmedit.requests import EditRequest
 from lmedit.settings import check_settings, choice, flag, integer, layer_list, number
@@ -77,12 +77,7 @@ class LocateConfig:
         if not arch_for(model).kv_cache:  # v* runs its suffixes on the context prefixes' cached keys/values
             raise InputError(f"ROME, MEMIT and EMMET need a model with a KV cache; {arch_for(model).model_type} "
                              "has none (edit it with ft, ft-conditional, lora or, for a Backpack, senses)")
-        if not self.layers:
-            raise InputError("at least one edit layer is needed")
-        for l in self.layers:
-            check_layer(model, l)
-        if list(self.layers) != sorted(set(self.layers)):
-            raise InputError(f"edit layers must be distinct and increasing, got {list(self.layers)}")
+        check_edit_layers(model, self.layers)
         if self.value.site == "mlp_out" and len(self.layers) > 1:
             raise InputError("value.site=mlp_out reads z at W's output, which misses what earlier edit layers write "
                              "into the residual stream; spread over several layers with value.site=residual")

@@ -98,6 +98,16 @@ def check_layer(model: nn.Module, layer: int) -> int:
     return layer
 
 
+def check_edit_layers(model: nn.Module, layers) -> None:
+    """The edit layers of a method that spreads one edit over several: at least one, each in range, increasing."""
+    if not layers:
+        raise InputError("at least one edit layer is needed")
+    for l in layers:
+        check_layer(model, l)
+    if list(layers) != sorted(set(layers)):
+        raise InputError(f"edit layers must be distinct and increasing, got {list(layers)}")
+
+
 def block(model: nn.Module, layer: int) -> nn.Module:
     return get_module(model, arch_for(model).layers)[check_layer(model, layer)]
 
