@@ -22,10 +22,12 @@ DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("alphaedit", "smollm2-135m"): {"layers": (2, 3, 4, 5, 6)},
     # UltraEdit: measured on counterfact-train, three sequential batches of 100 (docs/results.md)
     ("ultraedit", "smollm2-135m"): {"layers": (20, 21, 22, 23, 24), "lr": 3e-4},
-    # Gemma 3 270M (issue 22), chosen as for a model lmedit had never seen: the depth rule's layers held up on the
-    # first 10 train records (ROME layer 3: edit score 0.794, layer 4: 0.733; MEMIT layers 1-4 each batch of 10),
-    # its λ did not: MEMIT at the generic 15000 reached efficacy 0.5 (edit score 0.553), at 20, 200 or 2000
-    # efficacy 1.0, generalisation 0.9, specificity 0.7 (0.848); 2000 is the most preserving of those
+    # Gemma 3 270M (issue 22), chosen as for a model lmedit had never seen (benchmarks/results/gemma3-defaults/,
+    # trace-gemma3-cf-train10/): `lmedit trace` on 10 known train facts peaks at layer 8 (MEMIT band 4-8) on a
+    # plateau over layers 0-8; on the first 10 train records (batch of 10) MEMIT at 4-8 scored 0.663, at the depth
+    # rule's 1-4 0.848, ROME at the rule's layer 3 0.794 (layer 4: 0.733). The rule's λ was off: MEMIT 1-4 at the
+    # generic 15000 reached efficacy 0.5 (edit score 0.553), at 20, 200 or 2000 efficacy 1.0, generalisation 0.9,
+    # specificity 0.7 (0.848); 2000 is the most preserving of those
     ("rome", "gemma3-270m"): {"layers": (3,)},
     ("memit", "gemma3-270m"): {"layers": (1, 2, 3, 4), "mom2_weight": 2000.0},
     # GPT-J and GPT-2 XL rows as published with ROME/MEMIT
