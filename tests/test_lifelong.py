@@ -172,7 +172,7 @@ def test_saved_state_gives_the_same_next_update(model, tokenizer, tmp_path, meth
     state = new_state(method, "tiny", model, config)
     first = editor.fn(model, tokenizer, BATCHES[0], config, progress=False, state=state)
     state.save(tmp_path)
-    loaded = load_state(tmp_path, method, "tiny", model, config)  # checked against the model before any edit
+    loaded = load_state(tmp_path, new_state(method, "tiny", model, config))  # checked against the model before any edit
     with first.apply(model):
         a = editor.fn(model, tokenizer, BATCHES[1], config, progress=False, state=state)
         b = editor.fn(model, tokenizer, BATCHES[1], config, progress=False, state=loaded)
@@ -190,10 +190,10 @@ def test_state_of_another_model_is_refused(tokenizer, tiny_model, tmp_path):
     state = new_state("ultraedit", lm_a.name, lm_a.model, config)
     state.save(tmp_path)
     with pytest.raises(InputError, match=r"made on tiny-llama \(llama, weights .*\), not on tiny-qwen2 \(qwen2"):
-        load_state(tmp_path, "ultraedit", lm_b.name, lm_b.model, config)
+        load_state(tmp_path, new_state("ultraedit", lm_b.name, lm_b.model, config))
     with pytest.raises(InputError, match="ultraedit's, not alphaedit's"):
-        load_state(tmp_path, "alphaedit", lm_a.name, lm_a.model, config)
-    load_state(tmp_path, "ultraedit", lm_a.name, lm_a.model, config)  # its own model: accepted
+        load_state(tmp_path, new_state("alphaedit", lm_a.name, lm_a.model, config))
+    load_state(tmp_path, new_state("ultraedit", lm_a.name, lm_a.model, config))  # its own model: accepted
 
 
 def test_a_damaged_state_is_refused(tmp_path):

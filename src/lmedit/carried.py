@@ -49,6 +49,7 @@ class CarriedState:
                              "start a new sequence for this model")
 
     def save(self, directory: str | Path) -> Path:
+        Path(directory).mkdir(parents=True, exist_ok=True)
         path = Path(directory) / STATE_FILE
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         meta = {"kind": self.kind, "model": self.model, "model_type": self.model_type,

@@ -79,7 +79,6 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     patch.meta["model"] = lm.name
     patch.save(out, force=force)
     if carried is not None:
-        state.mkdir(parents=True, exist_ok=True)
         carried.save(state)
         console.print(f"carried state ({carried.n_edits} edits so far) saved to {state}")
     shutil.rmtree(train_dir, ignore_errors=True)
@@ -93,10 +92,9 @@ def _carried_state(directory: Path, method: str, lm, config, earlier):
     from lmedit.carried import STATE_FILE
     from lmedit.editors import load_state, new_state
 
+    carried = new_state(method, lm.name, lm.model, config)
     if (directory / STATE_FILE).is_file():
-        carried = load_state(directory, method, lm.name, lm.model, config)
-    else:
-        carried = new_state(method, lm.name, lm.model, config)
+        carried = load_state(directory, carried)
     before = sum(len(p.meta.get("requests", [])) for p in earlier)
     if carried.n_edits != before:
         raise InputError(f"the carried state in {directory} has seen {carried.n_edits} edit(s), the patches given "

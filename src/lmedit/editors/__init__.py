@@ -128,11 +128,11 @@ def new_state(method: str, model_name: str, model, config):
     return CarriedState(method, model_name, model.config.model_type, fingerprint(model, names))
 
 
-def load_state(directory, method: str, model_name: str, model, config):
-    """The carried state saved in `directory`, refused unless it is `method`'s on this model (before any edit)."""
+def load_state(directory, fresh):
+    """The carried state saved in `directory`, refused unless it is the one `fresh` (new_state on the model before
+    its first edit) would have started."""
     from lmedit.carried import CarriedState
 
     state = CarriedState.load(directory)
-    here = new_state(method, model_name, model, config)
-    state.check_belongs(method, here.model, here.model_type, here.base_fingerprint)
+    state.check_belongs(fresh.kind, fresh.model, fresh.model_type, fresh.base_fingerprint)
     return state

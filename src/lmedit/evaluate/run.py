@@ -27,8 +27,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from lmedit.checkpoints import train_dir_beside
-from lmedit.carried import CarriedState
-from lmedit.editors import get_editor, make_config, new_state
+from lmedit.editors import get_editor, load_state, make_config, new_state
 from lmedit.editors.finetune import checkpoint_training
 from lmedit.errors import InputError
 from lmedit.evaluate import protocols
@@ -131,18 +130,6 @@ def _curve_point(model, tok, made: list[EditRequest], scorer, aggregator, score_
     return {k: v for k, v in metrics.items() if k != "protocol"}
 
 
-def _keep_state(log: Journal, i: int, state: CarriedState) -> None:
-    (log.state_dir / str(i)).mkdir(parents=True, exist_ok=True)
-    state.save(log.state_dir / str(i))
-
-
-def _resume_state(log: Journal, i: int, method: str, fresh: CarriedState) -> CarriedState:
-    """The carried state saved after batch i, refused unless it belongs to this model before any edit."""
-    state = CarriedState.load(log.state_dir / str(i))
-    state.check_belongs(method, fresh.model, fresh.model_type, fresh.base_fingerprint)
-    return state
-
-
 def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], batch_size: int | None = None,
                   sequential: bool = False, overrides: dict | None = None, task: str = "counterfact",
                   scorer: Scorer = score_counterfact, aggregator=aggregate, score_batch_size: int = 64,
@@ -222,7 +209,7 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
                     records += line["records"]
                 continue
             if carried is not None and i > 0 and journal is not None and not resumed_state:
-                state = _resume_state(log, i - 1, method, carried)  # the state after the last batch done
+                state = load_state(log.state_dir / str(i - 1), carried)  # the state after the last batch done
             resumed_state = True
             t0 = time.perf_counter()
             kwargs = {"state": state} if carried is not None else {}
@@ -238,7 +225,7 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
                 if journal is not None:
                     patch.save(log.patch_dir / str(i), force=True)
                     if state is not None:
-                        _keep_state(log, i, state)
+                        state.save(log.state_dir / str(i))
                 log.write({"batch": i, "edit_seconds": spent})
                 eval_seconds += curve_point_after(i)
                 if journal is not None and state is not None:
