@@ -499,17 +499,17 @@ def test_interrupted_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path, 
         return example_loss(logits, batch, at)
 
     snap = _snapshot(model)
-    with finetune.checkpoint_training(tmp_path / "ckpt"):
-        with monkeypatch.context() as m:
-            m.setattr(finetune, "example_loss", dies_in_epoch_4)
-            with pytest.raises(_Killed):
-                editor.fn(model, tok, REQUESTS, config, progress=False)
-        assert _unchanged(model, snap)
-        assert load_state(tmp_path / "ckpt")[1]["epoch"] == 3
-        calls["n"] = 0
-        monkeypatch.setattr(finetune, "example_loss", lambda *a, **k: calls.__setitem__("n", calls["n"] + 1)
-                            or example_loss(*a, **k))
-        resumed = editor.fn(model, tok, REQUESTS, config, progress=False)
+    ckpt = tmp_path / "ckpt"
+    with monkeypatch.context() as m:
+        m.setattr(finetune, "example_loss", dies_in_epoch_4)
+        with pytest.raises(_Killed):
+            editor.edit(model, tok, REQUESTS, config, progress=False, checkpoint_dir=ckpt)
+    assert _unchanged(model, snap)
+    assert load_state(ckpt)[1]["epoch"] == 3
+    calls["n"] = 0
+    monkeypatch.setattr(finetune, "example_loss", lambda *a, **k: calls.__setitem__("n", calls["n"] + 1)
+                        or example_loss(*a, **k))
+    resumed = editor.edit(model, tok, REQUESTS, config, progress=False, checkpoint_dir=ckpt)
     assert calls["n"] == 3 * per_epoch  # only epochs 4-6 ran
     assert resumed.meta["training"][0]["epoch_loss"] == whole.meta["training"][0]["epoch_loss"]
     for name, delta in whole.deltas.items():
@@ -517,8 +517,7 @@ def test_interrupted_training_resumes_from_its_epoch_checkpoint(tiny, tmp_path, 
     # another run (other settings) in the same directory does not pick the state up
     other = editor.config_cls(**dict(FAST, epochs=6, stop_prob=None, patience=0, lr=2e-2))
     calls["n"] = 0
-    with finetune.checkpoint_training(tmp_path / "ckpt"):
-        editor.fn(model, tok, REQUESTS, other, progress=False)
+    editor.edit(model, tok, REQUESTS, other, progress=False, checkpoint_dir=ckpt)
     assert calls["n"] == 6 * per_epoch
 
 

@@ -453,19 +453,18 @@ def test_value_store_reuses_only_on_the_same_model_state(tiny, tokenizer, tmp_pa
 def test_rome_reuses_values_only_in_the_same_model_state(tiny, tokenizer, tmp_path):
     """ROME's second request is edited on top of the first: its v* must not come from the unedited model,
     but the same sequence made again passes through the same states and reuses every v*, bit for bit."""
-    from lmedit.locate.value_store import ValueStore, model_state, reusing_values
+    from lmedit.locate.value_store import ValueStore, model_state
 
     model, tok = tiny.model, tokenizer
     rome = get_editor("rome")
     config = rome.config_cls(layers=(1,), identity_cov=True, value=VALUE, **CONTEXT)
     store = ValueStore(model, None)
-    with reusing_values(store):
-        patch = rome.fn(model, tok, REQUESTS[:2], config, progress=False)
-        assert (store.hits, store.misses) == (0, 2)
-        again = rome.fn(model, tok, REQUESTS[:1], config, progress=False)
-        assert (store.hits, store.misses) == (1, 2)
-        replay = rome.fn(model, tok, REQUESTS[:2], config, progress=False)
-        assert (store.hits, store.misses) == (3, 2)
+    patch = rome.edit(model, tok, REQUESTS[:2], config, progress=False, values=store)
+    assert (store.hits, store.misses) == (0, 2)
+    again = rome.edit(model, tok, REQUESTS[:1], config, progress=False, values=store)
+    assert (store.hits, store.misses) == (1, 2)
+    replay = rome.edit(model, tok, REQUESTS[:2], config, progress=False, values=store)
+    assert (store.hits, store.misses) == (3, 2)
     plain = rome.fn(model, tok, REQUESTS[:1], config, progress=False)
     name = next(iter(plain.deltas))
     assert torch.equal(again.deltas[name].full(), plain.deltas[name].full())

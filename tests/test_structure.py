@@ -116,3 +116,28 @@ def test_the_checks_can_fail():
 def test_modules_stay_small(name):
     lines = len(modules()[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{name} has {lines} lines (more than {MAX_LINES}): split it by what each part does"
+
+
+def hidden_state(path: Path) -> list[str]:
+    """Context variables and `global` statements in `path`: state that changes behaviour without a call site
+    showing it (v* reuse and training checkpoints are arguments: `Editor.edit(values=, checkpoint_dir=)`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            if any(n and n.split(".")[0] == "contextvars" for n in names):
+                found.append(f"line {node.lineno}: imports contextvars")
+        elif isinstance(node, ast.Global):
+            found.append(f"line {node.lineno}: global {', '.join(node.names)}")
+    return found
+
+
+def test_no_hidden_state():
+    found = {name: hits for name, path in modules().items() if (hits := hidden_state(path))}
+    assert not found, f"hidden state: {found}"
+
+
+def test_the_hidden_state_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from contextvars import ContextVar\nX = 0\ndef f():\n    global X\n    X = 1\n")
+    assert hidden_state(bad) == ["line 1: imports contextvars", "line 4: global X"]

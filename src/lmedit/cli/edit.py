@@ -55,7 +55,6 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
 
     from lmedit.checkpoints import train_dir_beside
     from lmedit.editors import apply_overrides, get_editor, make_config
-    from lmedit.editors.finetune import checkpoint_training
     from lmedit.fileio import check_writable
     from lmedit.patches import Patch
     from lmedit.requests import load_requests
@@ -73,9 +72,8 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     for p in earlier:
         p.apply(lm.model)  # refuses a patch made on another model
     train_dir = train_dir_beside(out)  # resumed only by the same requests, settings and model
-    with checkpoint_training(train_dir):
-        patch = editor.fn(lm.model, lm.tokenizer, reqs, config, announce=console.print,
-                          **({"state": carried} if carried is not None else {}))
+    patch = editor.edit(lm.model, lm.tokenizer, reqs, config, announce=console.print, state=carried,
+                        checkpoint_dir=train_dir)
     patch.meta["model"] = lm.name
     patch.save(out, force=force)
     if carried is not None:

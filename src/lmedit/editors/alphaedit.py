@@ -18,9 +18,11 @@ class AlphaEditConfig(LocateConfig):
     solver: str = "null_space"
 
 
-def edit(model, tokenizer, requests, config: AlphaEditConfig, progress: bool = True, announce=print, state=None):
-    return locate_then_edit(model, tokenizer, requests, config, "alphaedit", progress, announce, state=state)
+def edit(model, tokenizer, requests, config: AlphaEditConfig, progress: bool = True, announce=print, state=None,
+         values=None):
+    return locate_then_edit(model, tokenizer, requests, config, "alphaedit", progress, announce, state=state,
+                            values=values)
 
 
 register_editor("alphaedit", AlphaEditConfig, edit, "lifelong batches: MEMIT projected onto the null space of C",
-                carries_state=True)
+                carries_state=True, reuses_values=True, needs_kv_cache=True)

@@ -17,8 +17,9 @@ class EmmetConfig(LocateConfig):
     mu: float = 0.1  # softens the constraint when keys of a large batch are nearly dependent
 
 
-def edit(model, tokenizer, requests, config: EmmetConfig, progress: bool = True, announce=print):
-    return locate_then_edit(model, tokenizer, requests, config, "emmet", progress, announce)
+def edit(model, tokenizer, requests, config: EmmetConfig, progress: bool = True, announce=print, values=None):
+    return locate_then_edit(model, tokenizer, requests, config, "emmet", progress, announce, values=values)
 
 
-register_editor("emmet", EmmetConfig, edit, "batched facts, equality-constrained (ROME's constraint for a batch)")
+register_editor("emmet", EmmetConfig, edit, "batched facts, equality-constrained (ROME's constraint for a batch)",
+                reuses_values=True, needs_kv_cache=True)

@@ -24,10 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,10 +35,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmedit import __version__
-from lmedit.checkpoints import adam_tensors, load_state, restore_adam, save_state
 from lmedit.editors.registry import register_editor
 from lmedit.editors.augment import Example, build_examples
 from lmedit.editors.budget import Budget
+from lmedit.editors.training import Checkpoint, NonFiniteLoss, diverged_weights, fit, initial_norms
 from lmedit.editors.train_config import (  # noqa: F401  (the configs are part of this module's API)
     KL_TEXT, MODES, ROLES, ConditionalConfig, FinetuneConfig, TrainConfig, prepare, resolve_modules,
     trainable_parameters)
@@ -50,9 +48,6 @@ from lmedit.locate.prompts import encode, with_target
 from lmedit.models.arch import arch_for, get_module
 from lmedit.patches import Delta, Patch, compose, fingerprint
 from lmedit.requests import EditRequest
-
-DIVERGED = 1e4  # ‖W‖ above this many times its initial norm: no edit needs that, the step size is wrong
-
 
 # ------------------------------------------------------------------------------------------------ the loss
 
@@ -113,21 +108,6 @@ def _kl(model, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (kl * batch.attention_mask).sum() / batch.attention_mask.sum()
 
 
-_CHECKPOINT_DIR: ContextVar[Path | None] = ContextVar("lmedit_training_checkpoint", default=None)
-
-
-@contextmanager
-def checkpoint_training(directory: str | os.PathLike | None):
-    """Inside this block `train` saves its state after every epoch to `directory`, and a call with the same
-    examples, settings and starting weights resumes from it: an interrupted 1000-edit mass edit (hours on a CPU)
-    loses at most one epoch. The evaluation runner opens one per batch beside its journal."""
-    token = _CHECKPOINT_DIR.set(Path(directory) if directory is not None else None)
-    try:
-        yield
-    finally:
-        _CHECKPOINT_DIR.reset(token)
-
-
 def _run_key(examples: list[Example], params: dict[str, nn.Parameter], config: TrainConfig, conditional: bool,
              desc: str) -> str:
     """What a saved state must match to be resumed: the training set, the settings and the starting weights."""
@@ -143,11 +123,16 @@ def _run_key(examples: list[Example], params: dict[str, nn.Parameter], config: T
 
 def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parameter], config: TrainConfig,
           conditional: bool, progress: bool = True, project: Callable[[], None] | None = None,
-          desc: str = "ft") -> dict:
-    """Adam on `params` over shuffled mini-batches of `examples`; `project` runs after every step. Returns a summary
-    of the training curve. A non-finite loss or diverging weights raise EditFailure (the caller restores W₀).
-    Early stopping reads each edit's P(target_new | prompt) from its last forward pass (before that step); with a
-    degradation budget the epoch that breaks it is undone and training stops."""
+          desc: str = "ft", checkpoint_dir: Path | None = None) -> dict:
+    """Adam on `params` over shuffled mini-batches of `examples` (the one loop, `training.fit`); `project` runs
+    after every step. Returns a summary of the training curve. A non-finite loss or diverging weights raise
+    EditFailure (the caller restores W₀). Early stopping reads each edit's P(target_new | prompt) from its last
+    forward pass (before that step); with a degradation budget the epoch that breaks it is undone and training
+    stops.
+
+    `checkpoint_dir`: the state is saved there after every epoch, and a call with the same examples, settings and
+    starting weights resumes from it, so an interrupted 1000-edit mass edit (hours on a CPU) loses at most one
+    epoch. The evaluation runner passes one per batch, beside its journal."""
     device = get_module(model, arch_for(model).embed).weight.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [tokenize(tokenizer, ex) for ex in examples]
@@ -159,98 +144,65 @@ def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parame
             ref = torch.log_softmax(model(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask,
                                           use_cache=False).logits.float(), dim=-1)
     budget = Budget(model, tokenizer, config, params) if config.budget is not None else None
-    norms0 = {n: float(p.detach().float().norm()) for n, p in params.items()}
-    optimiser = torch.optim.Adam(list(params.values()), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    edit_lp = {ex.edit: -math.inf for ex in examples if ex.kind == "edit"}
-    per_epoch = math.ceil(len(examples) / config.batch_size)
-    bar = tqdm(total=config.epochs * per_epoch, desc=desc, disable=not progress, leave=False)
-    epoch_loss, step, stopped, best, stale = [], 0, "epochs", math.inf, 0
-    directory, first_epoch = _CHECKPOINT_DIR.get(), 0
-    key = _run_key(examples, params, config, conditional, desc) if directory is not None else None
-    saved = load_state(directory) if directory is not None else None
-    if saved is not None and saved[1].get("key") == key:
-        tensors, meta = saved
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[f"param::{name}"])
-        restore_adam(optimiser, params, tensors, meta["step"])
-        generator.set_state(tensors["generator"])
-        first_epoch, step, epoch_loss = meta["epoch"], meta["step"], meta["epoch_loss"]
-        best, stale = meta["best"], meta["stale"]
-        edit_lp = {int(k): v for k, v in meta["edit_lp"].items()}
+    norms0 = initial_norms(params)
+    run = {"epoch_loss": [], "best": math.inf, "stale": 0,
+           "edit_lp": {ex.edit: -math.inf for ex in examples if ex.kind == "edit"}}
+
+    def batch_loss(idx: list[int]) -> torch.Tensor:
+        batch = collate([encoded[k] for k in idx], conditional, pad_id, device)
+        at = read_positions(batch)
+        hidden = body(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             use_cache=False).last_hidden_state
+        per_example, target_lp = example_loss(unembed(model, hidden[at]), batch, at)
+        for k, lp in zip(idx, target_lp.tolist()):
+            if examples[k].kind == "edit":
+                run["edit_lp"][examples[k].edit] = lp
+        loss = per_example.mean()
+        return loss + config.kl_factor * _kl(model, ref, kl_batch) if ref is not None else loss
+
+    def after_step(step: int) -> None:
+        if project is not None:
+            project()
+        bad = diverged_weights(params, norms0)
+        if bad is not None:
+            raise EditFailure(f"{desc}: training diverged at step {step}: the weights of {bad[0]} {bad[1]}; "
+                              f"lower lr (now {config.lr:g}); the model is unchanged")
+
+    def after_epoch(epoch: int, loss: float) -> str | None:
+        run["epoch_loss"].append(loss)
+        if budget is not None and not budget.within_after_epoch():
+            return "budget"
+        if config.stop_prob is not None and min(math.exp(lp) for lp in run["edit_lp"].values()) > config.stop_prob:
+            return "target_prob"
+        run["stale"] = 0 if loss < run["best"] * (1 - config.min_improvement) else run["stale"] + 1
+        run["best"] = min(run["best"], loss)
+        if config.patience and run["stale"] >= config.patience:
+            return "plateau"
+        return None
+
+    def restore(meta: dict) -> None:
+        run.update(epoch_loss=meta["epoch_loss"], best=meta["best"], stale=meta["stale"],
+                   edit_lp={int(k): v for k, v in meta["edit_lp"].items()})
         if budget is not None:
             budget.losses, budget.kept = meta["budget_losses"], budget.snapshot()
-        bar.update(first_epoch * per_epoch)
+
+    checkpoint = None if checkpoint_dir is None else Checkpoint(
+        Path(checkpoint_dir), _run_key(examples, params, config, conditional, desc),
+        save=lambda: {**run, "budget_losses": budget.losses if budget is not None else None}, restore=restore)
     try:
-        for epoch in range(first_epoch, config.epochs):
-            order, total = torch.randperm(len(examples), generator=generator).tolist(), 0.0
-            for start in range(0, len(order), config.batch_size):
-                idx = order[start:start + config.batch_size]
-                batch = collate([encoded[k] for k in idx], conditional, pad_id, device)
-                at = read_positions(batch)
-                hidden = body(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     use_cache=False).last_hidden_state
-                per_example, target_lp = example_loss(unembed(model, hidden[at]), batch, at)
-                loss = per_example.mean()
-                if ref is not None:
-                    loss = loss + config.kl_factor * _kl(model, ref, kl_batch)
-                step += 1
-                if not torch.isfinite(loss):
-                    raise EditFailure(f"{desc}: the loss became non-finite at step {step} ({float(loss.detach())}); "
-                                      f"lower lr (now {config.lr:g}); the model is unchanged")
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                if project is not None:
-                    project()
-                _check_weights(params, norms0, step, desc, config.lr)
-                for k, lp in zip(idx, target_lp.tolist()):
-                    if examples[k].kind == "edit":
-                        edit_lp[examples[k].edit] = lp
-                total += float(loss.detach()) * len(idx)
-                bar.update(1)
-            epoch_loss.append(total / len(examples))
-            if budget is not None and not budget.within_after_epoch():
-                stopped = "budget"
-                break
-            probs = [math.exp(lp) for lp in edit_lp.values()]
-            if config.stop_prob is not None and min(probs) > config.stop_prob:
-                stopped = "target_prob"
-                break
-            stale = 0 if epoch_loss[-1] < best * (1 - config.min_improvement) else stale + 1
-            best = min(best, epoch_loss[-1])
-            if config.patience and stale >= config.patience:
-                stopped = "plateau"
-                break
-            if directory is not None and epoch + 1 < config.epochs:
-                tensors = {f"param::{n}": p for n, p in params.items()}
-                tensors.update(adam_tensors(optimiser, {id(p): n for n, p in params.items()}),
-                               generator=generator.get_state())
-                save_state(directory, tensors, {
-                    "key": key, "epoch": epoch + 1, "step": step, "epoch_loss": epoch_loss, "best": best,
-                    "stale": stale, "edit_lp": edit_lp,
-                    "budget_losses": budget.losses if budget is not None else None})
-    finally:
-        bar.close()
-        optimiser.zero_grad(set_to_none=True)
-    probs = [math.exp(lp) for lp in edit_lp.values()]
-    curve = {"steps": step, "epochs": len(epoch_loss), "stopped": stopped, "examples": len(examples),
-             "epoch_loss": epoch_loss, "edit_prob_mean": sum(probs) / len(probs), "edit_prob_min": min(probs)}
+        fitted = fit(params, len(examples), batch_loss, lr=config.lr, epochs=config.epochs,
+                     batch_size=config.batch_size, seed=config.seed, after_step=after_step, after_epoch=after_epoch,
+                     checkpoint=checkpoint, progress=progress, desc=desc)
+    except NonFiniteLoss as e:
+        raise EditFailure(f"{desc}: the loss became non-finite at step {e.step} ({e.value}); "
+                          f"lower lr (now {config.lr:g}); the model is unchanged") from None
+    probs = [math.exp(lp) for lp in run["edit_lp"].values()]
+    curve = {"steps": fitted.steps, "epochs": len(run["epoch_loss"]), "stopped": fitted.stopped or "epochs",
+             "examples": len(examples), "epoch_loss": run["epoch_loss"], "edit_prob_mean": sum(probs) / len(probs),
+             "edit_prob_min": min(probs)}
     if budget is not None:  # edit_prob_* are from the last forward pass, before an undone epoch
         curve.update(budget_loss=budget.losses, budget_limit=budget.limit)
     return curve
-
-
-def _check_weights(params: dict[str, nn.Parameter], norms0: dict[str, float], step: int, desc: str, lr: float):
-    """In float32 a normalised transformer rarely overflows: a step size gone wrong shows as weights that explode."""
-    for name, p in params.items():
-        norm = float(p.detach().float().norm())
-        if not math.isfinite(norm) or (norms0[name] > 0 and norm > DIVERGED * norms0[name]):
-            what = "became non-finite" if not math.isfinite(norm) else \
-                f"grew to {norm / norms0[name]:.3g} times their initial norm"
-            raise EditFailure(f"{desc}: training diverged at step {step}: the weights of {name} {what}; "
-                              f"lower lr (now {lr:g}); the model is unchanged")
 
 
 # ------------------------------------------------------------------------------------------------ editors
@@ -278,7 +230,8 @@ def trained_in_place(model, names: list[str]):
                 p.grad = None
 
 
-def _train_weights(model, tokenizer, examples, config: FinetuneConfig, conditional: bool, progress: bool, desc: str):
+def _train_weights(model, tokenizer, examples, config: FinetuneConfig, conditional: bool, progress: bool, desc: str,
+                   checkpoint_dir: Path | None = None):
     """Train the chosen weights in place; return ΔW = W − W₀ (float32) and restore W₀ bit-for-bit, always."""
     names = trainable_parameters(model, config.layers, config.modules)
     with trained_in_place(model, names) as (chosen, originals):
@@ -291,13 +244,13 @@ def _train_weights(model, tokenizer, examples, config: FinetuneConfig, condition
                     for n, p in chosen.items():
                         p.copy_(torch.minimum(torch.maximum(p, originals[n] - eps), originals[n] + eps))
 
-        curve = train(model, tokenizer, examples, chosen, config, conditional, progress, project, desc)
+        curve = train(model, tokenizer, examples, chosen, config, conditional, progress, project, desc, checkpoint_dir)
         deltas = {n: Delta(dense=p.detach().float() - originals[n].float()) for n, p in chosen.items()}
     return deltas, curve
 
 
 def run_editor(model, tokenizer, requests: list[EditRequest], config: TrainConfig, method: str, conditional: bool,
-               trainer: Trainer, progress: bool = True) -> Patch:
+               trainer: Trainer, progress: bool = True, checkpoint_dir: Path | None = None) -> Patch:
     """Prepare, augment, train (all edits together, or each alone from W₀ with the deltas summed) into a Patch."""
     if not requests:
         raise InputError("no edit requests given")
@@ -312,7 +265,7 @@ def run_editor(model, tokenizer, requests: list[EditRequest], config: TrainConfi
     parts, curves = [], []
     for group in tqdm(groups, desc=f"{method} single edits", disable=not progress or len(groups) == 1):
         mine = [ex for ex in examples if ex.edit in group]
-        deltas, curve = trainer(model, tokenizer, mine, config, conditional, progress, method)
+        deltas, curve = trainer(model, tokenizer, mine, config, conditional, progress, method, checkpoint_dir)
         parts.append(Patch(deltas, {}))
         curves.append(curve)
     timing["train_seconds"] = time.perf_counter() - t0
@@ -332,15 +285,18 @@ def run_editor(model, tokenizer, requests: list[EditRequest], config: TrainConfi
     return Patch(deltas, meta)
 
 
-def edit_ft(model, tokenizer, requests, config: FinetuneConfig, progress: bool = True, announce=print) -> Patch:
-    return run_editor(model, tokenizer, requests, config, "ft", False, _train_weights, progress)
+def edit_ft(model, tokenizer, requests, config: FinetuneConfig, progress: bool = True, announce=print,
+            checkpoint_dir: Path | None = None) -> Patch:
+    return run_editor(model, tokenizer, requests, config, "ft", False, _train_weights, progress, checkpoint_dir)
 
 
 def edit_ft_conditional(model, tokenizer, requests, config: ConditionalConfig, progress: bool = True,
-                        announce=print) -> Patch:
-    return run_editor(model, tokenizer, requests, config, "ft-conditional", True, _train_weights, progress)
+                        announce=print, checkpoint_dir: Path | None = None) -> Patch:
+    return run_editor(model, tokenizer, requests, config, "ft-conditional", True, _train_weights, progress,
+                      checkpoint_dir)
 
 
-register_editor("ft", FinetuneConfig, edit_ft, "fine-tuning on prompt + target tokens (naive baseline)")
+TRAINER = dict(checkpoints=True, needs_subject=False, canonical=True)
+register_editor("ft", FinetuneConfig, edit_ft, "fine-tuning on prompt + target tokens (naive baseline)", **TRAINER)
 register_editor("ft-conditional", ConditionalConfig, edit_ft_conditional,
-                "fine-tuning on the target tokens only, with paraphrase and random-fact augmentation")
+                "fine-tuning on the target tokens only, with paraphrase and random-fact augmentation", **TRAINER)

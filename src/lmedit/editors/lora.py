@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmedit.editors.registry import register_editor
-from lmedit.editors.finetune import TrainConfig, resolve_modules, run_editor, train
+from lmedit.editors.finetune import TRAINER, TrainConfig, resolve_modules, run_editor, train
 from lmedit.errors import InputError, LmeditError
 from lmedit.models.arch import arch_for, get_module
 from lmedit.patches import Delta
@@ -101,18 +101,21 @@ def lora_deltas(adapted: dict[str, nn.Module]) -> dict[str, Delta]:
     return deltas
 
 
-def _train_lora(model, tokenizer, examples, config: LoraEditConfig, conditional: bool, progress: bool, desc: str):
+def _train_lora(model, tokenizer, examples, config: LoraEditConfig, conditional: bool, progress: bool, desc: str,
+                checkpoint_dir=None):
     targets = resolve_modules(model, config.layers, config.modules)
     with lora_adapters(model, targets, config.rank, config.alpha, config.seed) as adapted:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # A and B only
-        curve = train(model, tokenizer, examples, params, config, conditional, progress, None, desc)
+        curve = train(model, tokenizer, examples, params, config, conditional, progress, None, desc, checkpoint_dir)
         deltas = lora_deltas(adapted)
     return deltas, curve
 
 
-def edit(model, tokenizer, requests, config: LoraEditConfig, progress: bool = True, announce=print):
+def edit(model, tokenizer, requests, config: LoraEditConfig, progress: bool = True, announce=print,
+         checkpoint_dir=None):
     return run_editor(model, tokenizer, requests, config, "lora", config.loss == "conditional", _train_lora,
-                      progress)
+                      progress, checkpoint_dir)
 
 
-register_editor("lora", LoraEditConfig, edit, "LoRA adapters (peft) on chosen modules, merged into low-rank deltas")
+register_editor("lora", LoraEditConfig, edit, "LoRA adapters (peft) on chosen modules, merged into low-rank deltas",
+                **TRAINER)

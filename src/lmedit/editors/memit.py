@@ -16,8 +16,9 @@ class MemitConfig(LocateConfig):
     solver: str = "least_squares"
 
 
-def edit(model, tokenizer, requests, config: MemitConfig, progress: bool = True, announce=print):
-    return locate_then_edit(model, tokenizer, requests, config, "memit", progress, announce)
+def edit(model, tokenizer, requests, config: MemitConfig, progress: bool = True, announce=print, values=None):
+    return locate_then_edit(model, tokenizer, requests, config, "memit", progress, announce, values=values)
 
 
-register_editor("memit", MemitConfig, edit, "batched facts over several layers, least squares")
+register_editor("memit", MemitConfig, edit, "batched facts over several layers, least squares",
+                reuses_values=True, needs_kv_cache=True, canonical=True)

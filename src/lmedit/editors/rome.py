@@ -28,7 +28,7 @@ class RomeConfig(LocateConfig):
     value: ValueConfig = field(default_factory=lambda: ValueConfig(site="mlp_out"))  # v* is W's output (ROME §3.1)
 
 
-def edit(model, tokenizer, requests, config: RomeConfig, progress: bool = True, announce=print):
+def edit(model, tokenizer, requests, config: RomeConfig, progress: bool = True, announce=print, values=None):
     if len(config.layers) != 1:
         from lmedit.errors import InputError
 
@@ -37,7 +37,8 @@ def edit(model, tokenizer, requests, config: RomeConfig, progress: bool = True, 
     for req in requests:
         handles = [p.apply(model, force=True) for p in patches]  # computed here, not read from a file
         try:
-            patches.append(locate_then_edit(model, tokenizer, [req], config, "rome", progress, announce))
+            patches.append(locate_then_edit(model, tokenizer, [req], config, "rome", progress, announce,
+                                            values=values))
         finally:
             for h in reversed(handles):
                 h.revert()
@@ -53,4 +54,5 @@ def edit(model, tokenizer, requests, config: RomeConfig, progress: bool = True, 
     return patch
 
 
-register_editor("rome", RomeConfig, edit, "one fact at one layer, equality-constrained rank-one update")
+register_editor("rome", RomeConfig, edit, "one fact at one layer, equality-constrained rank-one update",
+                reuses_values=True, needs_kv_cache=True)

@@ -188,4 +188,4 @@ def edit(model, tokenizer, requests, config: UltraEditConfig, progress: bool = T
 
 
 register_editor("ultraedit", UltraEditConfig, edit, "lifelong, training-free: one pass per batch, ridge update",
-                carries_state=True)
+                carries_state=True, needs_subject=False)

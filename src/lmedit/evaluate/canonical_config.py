@@ -14,11 +14,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lmedit.editors import optional_float
+from lmedit.editors import editor_names, get_editor, optional_float
 from lmedit.errors import InputError
 from lmedit.evaluate.canonical import CanonicalTask, LossOptions, get_task, load_task
 
-METHODS = ("ft", "ft-conditional", "lora", "memit", "senses")  # senses: Backpack models only
+# The registry's editors that run on a task's loss (capability `canonical`), then Backpack sense fine-tuning, which is
+# trained by this protocol only (its deltas act on the sense network's output, not on a stored parameter, so it
+# has no patch yet).
+SENSES = "senses"
+METHODS = tuple(n for n in editor_names() if get_editor(n).canonical) + (SENSES,)
 SUBJECT_FIELDS = {"country_capital": "country", "company_ceo": "company"}  # memit: the field naming the subject
 ANSWER_FIELDS = {"country_capital": "capital", "company_ceo": "ceo"}  # and the one naming the answer
 HALVES = ("a", "b")
@@ -137,12 +141,12 @@ def methods_for(model, methods) -> tuple[list[str], dict[str, str]]:
 
     arch = arch_for(model)
     if arch.model_type == ENSEMBLE:  # only the Backpack's senses are trained; the large model stays as it is
-        why = {m: f"{m} cannot edit an ensemble (only senses can)" for m in METHODS if m != "senses"}
+        why = {m: f"{m} cannot edit an ensemble (only senses can)" for m in METHODS if m != SENSES}
     else:
-        why = {"senses": None if arch.model_type == MODEL_TYPE else f"senses needs a Backpack model, not "
-                                                                     f"{arch.model_type}",
-               "memit": None if arch.kv_cache else f"memit needs a model with a KV cache, which {arch.model_type} "
-                                                   "has not"}
+        why = {SENSES: None if arch.model_type == MODEL_TYPE else f"senses needs a Backpack model, not "
+                                                                  f"{arch.model_type}"}
+        why.update({m: f"{m} needs a model with a KV cache, which {arch.model_type} has not"
+                    for m in METHODS if m != SENSES and get_editor(m).needs_kv_cache and not arch.kv_cache})
     cannot = {m: why[m] for m in methods if why.get(m)}
     return [m for m in methods if m not in cannot], cannot
 

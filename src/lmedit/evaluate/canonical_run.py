@@ -186,48 +186,48 @@ def _prefix_nll(model, tokenizer, prefixes: list[str]) -> torch.Tensor:
 
 def _train_epochs(runner: Runner, task: CanonicalTask, params: dict[str, torch.nn.Parameter], settings: TrainSettings,
                   options: LossOptions, prefix_weight: float, before: dict, announce) -> list[dict]:
-    """Adam over shuffled mini-batches; evaluate after each epoch. Raises _Diverged with the trace so far."""
-    from lmedit.editors.finetune import DIVERGED
+    """The one training loop (`training.fit`) on the task's loss; evaluate after each epoch. Raises _Diverged with
+    the trace so far."""
+    from lmedit.editors.training import NonFiniteLoss, diverged_weights, fit, initial_norms
 
     model, tokenizer = runner.model, runner.tokenizer
-    norms0 = {n: float(p.detach().float().norm()) for n, p in params.items()}
-    optimiser = torch.optim.Adam(list(params.values()), lr=settings.lr)
-    generator = torch.Generator().manual_seed(settings.seed)
+    norms0 = initial_norms(params)
     examples = list(task.train)
-    trace, stale, widest = [], 0, max(runner.protocol.leagues)
-    for epoch in range(1, settings.epochs + 1):
-        t0, total = time.perf_counter(), 0.0
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        with torch.enable_grad():
-            for lo in range(0, len(order), settings.batch_size):
-                batch = [examples[i] for i in order[lo:lo + settings.batch_size]]
-                loss = training_loss(model, tokenizer, task.spec, batch, options)
-                if prefix_weight:
-                    loss = loss + prefix_weight * _prefix_nll(model, tokenizer, [ex.prefix for ex in batch])
-                if not torch.isfinite(loss):
-                    raise _Diverged(f"the training loss became non-finite in epoch {epoch} (lr {settings.lr:g})", trace)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total += float(loss.detach()) * len(batch)
-        optimiser.zero_grad(set_to_none=True)
-        for name, p in params.items():  # exploding weights: the step size is wrong (finetune.DIVERGED)
-            norm = float(p.detach().float().norm())
-            if not math.isfinite(norm) or (norms0[name] > 0 and norm > DIVERGED * norms0[name]):
-                what = "became non-finite" if not math.isfinite(norm) else "exploded"
-                raise _Diverged(f"training diverged in epoch {epoch}: the weights of {name} {what} "
-                                f"(lr {settings.lr:g})", trace)
-        train_seconds = time.perf_counter() - t0
+    trace, widest = [], max(runner.protocol.leagues)
+    run = {"stale": 0, "t0": time.perf_counter()}
+
+    def batch_loss(idx: list[int]) -> torch.Tensor:
+        batch = [examples[i] for i in idx]
+        loss = training_loss(model, tokenizer, task.spec, batch, options)
+        if prefix_weight:
+            loss = loss + prefix_weight * _prefix_nll(model, tokenizer, [ex.prefix for ex in batch])
+        return loss
+
+    def after_epoch(epoch: int, loss: float) -> str | None:
+        bad = diverged_weights(params, norms0)  # exploding weights: the step size is wrong
+        if bad is not None:
+            what = "became non-finite" if bad[1] == "became non-finite" else "exploded"
+            raise _Diverged(f"training diverged in epoch {epoch}: the weights of {bad[0]} {what} "
+                            f"(lr {settings.lr:g})", trace)
+        train_seconds = time.perf_counter() - run["t0"]
         t0 = time.perf_counter()
         point = runner.evaluate(task, before)
-        trace.append({"epoch": epoch, "train_loss": total / len(examples), **point,
+        trace.append({"epoch": epoch, "train_loss": loss, **point,
                       "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t0})
         if announce:
             announce(_epoch_line(trace[-1], before))
         ok = all(point[k] <= (1 + widest) * before[k] for k in ("general_loss", "targeted_loss"))
-        stale = 0 if ok else stale + 1
-        if runner.protocol.patience and stale >= runner.protocol.patience:
-            break
+        run["stale"] = 0 if ok else run["stale"] + 1
+        run["t0"] = time.perf_counter()
+        if runner.protocol.patience and run["stale"] >= runner.protocol.patience:
+            return "patience"
+        return None
+
+    try:
+        fit(params, len(examples), batch_loss, lr=settings.lr, epochs=settings.epochs,
+            batch_size=settings.batch_size, seed=settings.seed, after_epoch=after_epoch)
+    except NonFiniteLoss as e:
+        raise _Diverged(f"the training loss became non-finite in epoch {e.epoch} (lr {settings.lr:g})", trace) from None
     return trace
 
 
@@ -329,13 +329,11 @@ def memit_requests(task: CanonicalTask) -> tuple[list, dict]:
 
 def _memit_trace(runner: Runner, task: CanonicalTask, config, before, announce) -> list[dict]:
     from lmedit.editors import get_editor
-    from lmedit.locate.value_store import reusing_values
 
     t0 = time.perf_counter()
     requests, notes = memit_requests(task)
-    with reusing_values(runner.value_store):
-        patch = get_editor("memit").fn(runner.model, runner.tokenizer, requests, config, progress=False,
-                                       announce=lambda *_: None)
+    patch = get_editor("memit").edit(runner.model, runner.tokenizer, requests, config, progress=False,
+                                     announce=lambda *_: None, values=runner.value_store)
     edit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     with patch.apply(runner.model):

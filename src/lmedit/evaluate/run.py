@@ -28,11 +28,10 @@ from tqdm.auto import tqdm
 
 from lmedit.checkpoints import train_dir_beside
 from lmedit.editors import get_editor, load_state, make_config, new_state
-from lmedit.editors.finetune import checkpoint_training
 from lmedit.errors import InputError
 from lmedit.evaluate import protocols
 from lmedit.evaluate.counterfact import aggregate, score_counterfact
-from lmedit.locate.value_store import ValueStore, reusing_values
+from lmedit.locate.value_store import ValueStore
 from lmedit.models.loading import LoadedModel
 from lmedit.patches import Patch
 from lmedit.requests import EditRequest
@@ -212,9 +211,8 @@ def run_edit_eval(lm: LoadedModel, method: str, requests: list[EditRequest], bat
                 state = load_state(log.state_dir / str(i - 1), carried)  # the state after the last batch done
             resumed_state = True
             t0 = time.perf_counter()
-            kwargs = {"state": state} if carried is not None else {}
-            with reusing_values(value_store), checkpoint_training(log.train_dir if journal is not None else None):
-                patch = editor.fn(model, tok, batch, config, progress=progress, announce=announce, **kwargs)
+            patch = editor.edit(model, tok, batch, config, progress=progress, announce=announce, state=state,
+                                values=value_store, checkpoint_dir=log.train_dir if journal is not None else None)
             if journal is not None and log.train_dir.exists():
                 shutil.rmtree(log.train_dir)  # this batch's edit is done; the next one starts afresh
             spent = time.perf_counter() - t0 - patch.meta.get("timing", {}).get("stats_seconds", 0.0)

@@ -1,6 +1,6 @@
 """Locate-then-edit: one core for ROME, MEMIT and EMMET (the methods differ only in configuration).
 
-1. v* at the last edit layer L (batched over requests, values.py; reused when a ValueStore is active), at
+1. v* at the last edit layer L (batched over requests, values.py; reused when a ValueStore is passed), at
    the site the config names: the residual stream after block L (MEMIT, EMMET) or W_L's output (ROME).
 2. For each edit layer l in order: keys K at l and z = the hidden state h_L at the last subject token of the
    bare prompt, both re-read with the earlier layers' updates in place (so z contains what they wrote into
@@ -29,7 +29,7 @@ from lmedit.locate.context import context_templates
 from lmedit.locate.keys import KEY_AVERAGES, read_at_subject, working_precision
 from lmedit.locate.solvers import equality_constrained, least_squares, null_space_constrained, \
     null_space_projection
-from lmedit.locate.value_store import find_values
+from lmedit.locate.value_store import ValueStore, find_values
 from lmedit.locate.values import ValueConfig
 from lmedit.locate.sites import residual_to_weight_space
 from lmedit.models.arch import arch_for, check_edit_layers, mlp_out_module, mlp_out_name, mlp_out_norm_module
@@ -123,11 +123,13 @@ def _edited_gram(state: CarriedState | None, l: int, d_in: int) -> torch.Tensor 
 
 
 def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: LocateConfig, method: str,
-                     progress: bool = True, announce=print, state: CarriedState | None = None) -> Patch:
+                     progress: bool = True, announce=print, state: CarriedState | None = None,
+                     values: ValueStore | None = None) -> Patch:
     """Compute the edit for `requests` as a Patch; the model is left exactly as it was.
 
     `state`: the carried state of a sequence of null-space edits (AlphaEdit). Its edited keys enter the solve and
-    are updated in place with this batch's, so pass it only when the patch returned is kept (applied for good)."""
+    are updated in place with this batch's, so pass it only when the patch returned is kept (applied for good).
+    `values`: a store of v* already optimised for these requests on this model state (None: compute them)."""
     config.validate(model)
     if not requests:
         raise InputError("no edit requests given")
@@ -150,9 +152,10 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
     t0 = time.perf_counter()
     templates = context_templates(model, tokenizer, config.n_context, config.context_length, config.seed)
     L = layers[-1]
-    values = find_values(model, tokenizer, requests, L, templates, config.value, progress=progress and len(requests) > 1)
+    found = find_values(values, model, tokenizer, requests, L, templates, config.value,
+                        progress=progress and len(requests) > 1)
     timing["values_seconds"] = time.perf_counter() - t0
-    z_star = working_precision(values.v_star)  # (n, d): z* at the site of layer L, bare prompt
+    z_star = working_precision(found.v_star)  # (n, d): z* at the site of layer L, bare prompt
     site = config.value.site
 
     t0 = time.perf_counter()
@@ -191,7 +194,7 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
             applied.append(Patch({names[i]: delta}, {}).apply(model, force=True))  # being computed: not a file
         keys_after, outs = read_at_subject(model, tokenizer, requests, templates, layers if state is not None else [],
                                            {"z": (L, site)}, key_average=config.key_average)
-        reached = _reached(values.v0, z_star, outs["z"])
+        reached = _reached(found.v0, z_star, outs["z"])
         if state is not None:  # the keys of this batch, every layer edited, join those the next batch protects
             for l in layers:
                 K = keys_after[l].T.double().cpu()
@@ -216,7 +219,7 @@ def locate_then_edit(model, tokenizer, requests: list[EditRequest], config: Loca
                            {str(l): round(float(P.trace())) for l, P in projections.items()},
                            "edits_protected_before": (state.n_edits - len(requests)) if state is not None else 0}}
            if projections else {}),
-        "v_star": {"target_prob": values.target_prob.tolist(), "steps": values.steps.tolist(), "site": site,
+        "v_star": {"target_prob": found.target_prob.tolist(), "steps": found.steps.tolist(), "site": site,
                    "z_reached": reached},
     }
     return Patch(deltas, meta)

@@ -19,10 +19,8 @@ a run records how many v* it reused.
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,9 +32,6 @@ from lmedit.locate.values import ValueConfig, Values, compute_values
 from lmedit.models.arch import mlp_out_name, num_layers
 from lmedit.patches import fingerprint
 from lmedit.requests import EditRequest
-
-_ACTIVE: contextvars.ContextVar["ValueStore | None"] = contextvars.ContextVar("lmedit_value_store", default=None)
-
 
 def model_state(model) -> str:
     """Hash of every MLP output projection: changes whenever any locate-then-edit patch is in the model."""
@@ -136,20 +131,9 @@ def _read_entry(path: Path, state: str, key: str) -> dict[str, torch.Tensor]:
     return entry
 
 
-@contextmanager
-def reusing_values(store: ValueStore | None):
-    """Within this block, locate-then-edit takes v* from `store` (None: compute every time)."""
-    token = _ACTIVE.set(store)
-    try:
-        yield store
-    finally:
-        _ACTIVE.reset(token)
-
-
-def find_values(model, tokenizer, requests: list[EditRequest], layer: int, templates: list[str],
-                config: ValueConfig, progress: bool = True) -> Values:
-    """v* through the active store if there is one, else computed."""
-    store = _ACTIVE.get()
+def find_values(store: ValueStore | None, model, tokenizer, requests: list[EditRequest], layer: int,
+                templates: list[str], config: ValueConfig, progress: bool = True) -> Values:
+    """v* from `store` when one is given (computed and kept there when missing), else computed."""
     if store is None:
         return compute_values(model, tokenizer, requests, layer, templates, config, progress=progress)
     return store.values(model, tokenizer, requests, layer, templates, config, progress=progress)
