@@ -8,8 +8,7 @@ The CLI's --method choices come from this registry; `make_config` fills per-mode
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lmedit.editors.registry import EDITORS, Editor, register_editor  # noqa: F401  (the registry's API)
 from lmedit.errors import InputError

@@ -37,7 +37,7 @@ class Budget:
         self.kept = self.snapshot()
 
     def measure(self) -> float:
-        from lmedit.models.forward import token_loss
+        from lmedit.models.logprobs import token_loss
 
         return token_loss(self.model, self.tokenizer, self.texts, self.config.budget_tokens)
 

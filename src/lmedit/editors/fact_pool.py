@@ -34,6 +34,7 @@ import torch
 
 from lmedit.fileio import atomic_write_json
 from lmedit.models.loading import cache_dir
+from lmedit.models.logprobs import pad_id, token_logprobs
 
 POOL_SIZE = 200  # facts kept: on SmolLM2-135M all 200 of 1000 leads' best are its greedy answers (P ≥ 0.34)
 LEADS = 1000  # leads read (a seeded sample of the 10,033)
@@ -105,7 +106,7 @@ def best_facts(model, tokenizer, sentences: list[str]) -> list[Fact | None]:
     from lmedit.models.arch import arch_for, get_module
 
     device = get_module(model, arch_for(model).embed).weight.device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     out: list[Fact | None] = []
     for start in range(0, len(sentences), BATCH):
         rows = sentences[start:start + BATCH]
@@ -121,15 +122,15 @@ def best_facts(model, tokenizer, sentences: list[str]) -> list[Fact | None]:
             out += [None] * len(rows)
             continue
         width = max(len(e["input_ids"]) for e in enc)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for row, e in enumerate(enc):
             ids[row, :len(e["input_ids"])], mask[row, :len(e["input_ids"])] = torch.tensor(e["input_ids"]), 1
         hidden = body(model)(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
         reads = [(row, j) for row, *_, tokens in words for j in tokens]  # position j - 1 predicts token j
-        logp = unembed(model, hidden[[r for r, _ in reads], [j - 1 for _, j in reads]]).float().log_softmax(-1)
-        wanted = ids[[r for r, _ in reads], [j for _, j in reads]].to(logp.device)
-        read = iter(zip(logp[torch.arange(len(reads)), wanted].tolist(), (logp.argmax(-1) == wanted).tolist()))
+        logits = unembed(model, hidden[[r for r, _ in reads], [j - 1 for _, j in reads]])
+        wanted = ids[[r for r, _ in reads], [j for _, j in reads]].to(logits.device)
+        read = iter(zip(token_logprobs(logits, wanted).tolist(), (logits.float().argmax(-1) == wanted).tolist()))
         best: dict[int, Fact] = {}
         for row, subject, a, b, tokens in words:
             lps, tops = zip(*(next(read) for _ in tokens))

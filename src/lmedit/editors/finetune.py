@@ -46,6 +46,7 @@ from lmedit.errors import EditFailure, InputError
 from lmedit.locate.batching import body, unembed
 from lmedit.locate.prompts import encode, with_target
 from lmedit.models.arch import arch_for, get_module
+from lmedit.models.logprobs import pad_id, token_logprobs
 from lmedit.patches import Delta, Patch, compose, fingerprint
 from lmedit.requests import EditRequest
 
@@ -88,8 +89,7 @@ def example_loss(logits: torch.Tensor, batch: Batch, at: torch.Tensor | None = N
     if at is None:
         at = torch.ones(batch.labels.shape, dtype=torch.bool, device=logits.device)
         logits = logits.reshape(-1, logits.shape[-1])
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, vocab)
-    picked = logp.gather(-1, batch.labels[at].unsqueeze(-1)).squeeze(-1)  # (n,)
+    picked = token_logprobs(logits, batch.labels[at])  # (n,)
     token = torch.zeros(batch.labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(at, picked)
     loss = -(token * batch.loss_mask).sum(1) / batch.loss_mask.sum(1)
     return loss, (token.detach() * batch.target_mask).sum(1)
@@ -134,12 +134,12 @@ def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parame
     starting weights resumes from it, so an interrupted 1000-edit mass edit (hours on a CPU) loses at most one
     epoch. The evaluation runner passes one per batch, beside its journal."""
     device = get_module(model, arch_for(model).embed).weight.device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     encoded = [tokenize(tokenizer, ex) for ex in examples]
     ref = kl_batch = None
     if config.kl_factor > 0:
         kl_ids = [encode(tokenizer, t) for t in config.kl_text]
-        kl_batch = collate([(ids, ids, 0) for ids in kl_ids], False, pad_id, device)  # labels unused
+        kl_batch = collate([(ids, ids, 0) for ids in kl_ids], False, pad, device)  # labels unused
         with torch.no_grad():
             ref = torch.log_softmax(model(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask,
                                           use_cache=False).logits.float(), dim=-1)
@@ -149,7 +149,7 @@ def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parame
            "edit_lp": {ex.edit: -math.inf for ex in examples if ex.kind == "edit"}}
 
     def batch_loss(idx: list[int]) -> torch.Tensor:
-        batch = collate([encoded[k] for k in idx], conditional, pad_id, device)
+        batch = collate([encoded[k] for k in idx], conditional, pad, device)
         at = read_positions(batch)
         hidden = body(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              use_cache=False).last_hidden_state

@@ -28,6 +28,7 @@ from lmedit.locate.prompts import encode, with_target
 from lmedit.locate.solvers import least_squares
 from lmedit.models.arch import arch_for, check_edit_layers, mlp_out_dims, mlp_out_module, mlp_out_name
 from lmedit.models.forward import body, frozen_weights, right_pad, unembed
+from lmedit.models.logprobs import token_logprobs
 from lmedit.patches import Delta, Patch, fingerprint
 from lmedit.settings import check_settings, integer, layer_list, number
 
@@ -130,8 +131,8 @@ def keys_and_gradients(model, tokenizer, requests, layers, chunk_requests: int =
         try:
             with torch.enable_grad():
                 hidden = body(model)(input_ids=ids, attention_mask=mask).last_hidden_state
-                logp = unembed(model, hidden[row, pos]).double().log_softmax(-1)
-                nll = -logp.gather(1, tok[:, None]).sum() / n_targets  # the batch's mean, over every chunk
+                logp = token_logprobs(unembed(model, hidden[row, pos]), tok, torch.float64)
+                nll = -logp.sum() / n_targets  # the batch's mean, over every chunk
                 nll.backward()
         finally:
             for h in handles:

@@ -44,8 +44,8 @@ from torch import nn
 from lmedit.errors import InputError
 from lmedit.evaluate.scoring import check_batch_size, score_rows
 from lmedit.fileio import iter_jsonl
-from lmedit.locate.batching import body, unembed
 from lmedit.models.forward import max_positions
+from lmedit.models.logprobs import pad_id, predicted_logprobs
 from lmedit.locate.prompts import Scored, encode, encode_continuation, encode_pair
 
 Kind = Literal["raise", "lower", "balance", "prefer"]
@@ -247,40 +247,13 @@ def _check_width(model: nn.Module, encoded: Sequence[tuple[list[int], list[int]]
 
 def _forward(model: nn.Module, encoded: Sequence[tuple[list[int], list[int]]], pad_id: int,
              chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """One right-padded forward; per row the summed log-prob of its suffix tokens and their number.
-
-    Differentiable when grad is enabled. Only the suffix positions go through the unembedding (in chunks of
-    `chunk` positions), and log_softmax runs in float32."""
-    device = next(model.parameters()).device
-    width = _check_width(model, encoded)
-    n = len(encoded)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    rows, pos, tgt = [], [], []
-    for r, (p, s) in enumerate(encoded):
-        seq = p + s[:-1]
-        ids[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[r, :len(seq)] = 1
-        rows += [r] * len(s)
-        pos += range(len(p) - 1, len(p) - 1 + len(s))
-        tgt += s
-    hidden = body(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-    rsel = torch.tensor(rows, device=device)
-    psel = torch.tensor(pos, device=device)
-    tsel = torch.tensor(tgt, device=device)
-    h = hidden[rsel, psel]
-    parts = []
-    for lo in range(0, h.shape[0], chunk):
-        logits = unembed(model, h[lo:lo + chunk]).float()
-        parts.append(torch.log_softmax(logits, dim=-1).gather(1, tsel[lo:lo + chunk, None])[:, 0])
-    tok_lp = torch.cat(parts)
-    sums = torch.zeros(n, dtype=tok_lp.dtype, device=device).index_add(0, rsel, tok_lp)
-    counts = torch.tensor([len(s) for _, s in encoded], dtype=torch.float32, device=device)
-    return sums, counts
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    """One right-padded forward (models/logprobs.py); per row the summed log-prob of its suffix tokens and their
+    number. Differentiable when grad is enabled."""
+    _check_width(model, encoded)
+    predicted = predicted_logprobs(model, [p + s[:-1] for p, s in encoded], [len(p) - 1 for p, _ in encoded],
+                                   [s for _, s in encoded], pad_id, chunk)
+    counts = torch.tensor([len(s) for _, s in encoded], dtype=torch.float32, device=predicted.logprobs.device)
+    return predicted.row_sums(len(encoded)), counts
 
 
 def suffix_logprobs(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +264,7 @@ def suffix_logprobs(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]
     if not pairs:
         raise InputError("no examples to score")
     encoded = [encode_pair(tokenizer, p, s) for p, s in pairs]
-    return _forward(model, encoded, _pad_id(tokenizer))
+    return _forward(model, encoded, pad_id(tokenizer))
 
 
 def score_suffixes(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> list[float]:

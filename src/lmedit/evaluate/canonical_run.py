@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 
 from lmedit.errors import EditFailure, InputError
 from lmedit.evaluate import degradation
@@ -167,21 +166,13 @@ class _Diverged(Exception):
 def _prefix_nll(model, tokenizer, prefixes: list[str]) -> torch.Tensor:
     """Token-weighted mean NLL of each prefix's tokens 2..n given the ones before (differentiable)."""
     from lmedit.locate.prompts import encode
+    from lmedit.models.logprobs import pad_id, predicted_logprobs
 
     rows = [ids for ids in (encode(tokenizer, p) for p in dict.fromkeys(prefixes)) if len(ids) >= 2]
-    device = next(model.parameters()).device
     if not rows:
-        return torch.zeros((), device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-    ids, mask = ids.to(device), mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()  # (b, t-1, vocab)
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return torch.zeros((), device=next(model.parameters()).device)
+    predicted = predicted_logprobs(model, rows, [0] * len(rows), [r[1:] for r in rows], pad_id(tokenizer))
+    return -predicted.logprobs.mean()
 
 
 def _train_epochs(runner: Runner, task: CanonicalTask, params: dict[str, torch.nn.Parameter], settings: TrainSettings,

@@ -31,7 +31,8 @@ from torch import nn
 from lmedit.errors import InputError
 from lmedit.evaluate.canonical import hard_negative_nll, success_rate
 from lmedit.fileio import atomic_write_json, iter_jsonl
-from lmedit.models.forward import DEFAULT_MAX_TOKENS, token_loss, token_nll  # noqa: F401  (part of this API)
+from lmedit.models.forward import DEFAULT_MAX_TOKENS
+from lmedit.models.logprobs import token_loss, token_nll  # noqa: F401  (part of this API)
 from lmedit.models.tokens import encode
 
 DEFAULT_N_DOCS = 200

@@ -24,6 +24,7 @@ from lmedit.errors import InputError
 from lmedit.locate.batching import SplitBatch, body, inference, right_pad, unembed
 from lmedit.locate.prompts import Scored, encode, with_target
 from lmedit.models.arch import arch_for
+from lmedit.models.logprobs import pad_id, token_logprobs
 
 Pair = tuple[str, str]
 
@@ -71,7 +72,7 @@ def score_rows(model: nn.Module, tokenizer, rows: list[Scored], batch_size: int 
     """Score encoded rows (prompt ids + target ids[:-1]); rows with the same prompt ids share its forward pass."""
     check_batch_size(batch_size)
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     heads = [tuple(r.ids[: r.first_target_pos + 1]) for r in rows]
     results: list[PairScore | None] = [None] * len(rows)
     # Rows of one prompt sit together, so a batch runs each prompt once (its KV cache shared by its targets).
@@ -81,7 +82,7 @@ def score_rows(model: nn.Module, tokenizer, rows: list[Scored], batch_size: int 
         for lo in range(0, len(order), batch_size):
             chunk = order[lo:lo + batch_size]
             logp_rows, top1_rows = _score_chunk(model, [rows[i] for i in chunk], [heads[i] for i in chunk],
-                                                pad_id, device)
+                                                pad, device)
             for i, lp, t1 in zip(chunk, logp_rows, top1_rows):
                 results[i] = PairScore(tuple(rows[i].target_ids), tuple(lp), tuple(t1))
             bar.update(len(chunk))
@@ -113,7 +114,7 @@ def top1_match(model: nn.Module, tokenizer, pairs: list[Pair], batch_size: int =
             for s in score_pairs(model, tokenizer, pairs, batch_size, progress)]
 
 
-def _score_chunk(model: nn.Module, chunk: list, prompts: list[tuple[int, ...]], pad_id: int, device):
+def _score_chunk(model: nn.Module, chunk: list, prompts: list[tuple[int, ...]], pad: int, device):
     """Per-token log-probs and argmaxes of the targets of `chunk` (Scored rows); `prompts` holds each row's
     whole prompt ids (`score_rows`), so equal tuples are one prompt.
 
@@ -125,14 +126,14 @@ def _score_chunk(model: nn.Module, chunk: list, prompts: list[tuple[int, ...]], 
     distinct = list(dict.fromkeys(prompts))
     if len(distinct) == len(chunk) or not arch_for(model).kv_cache:  # nothing shared (or no cache): one plain
         # right-padded pass
-        ids, mask = right_pad([s.ids for s in chunk], pad_id, device)
+        ids, mask = right_pad([s.ids for s in chunk], pad, device)
         hidden = body(model)(input_ids=ids, attention_mask=mask).last_hidden_state
         at = [(r, s.first_target_pos + j) for r, s in enumerate(chunk) for j in range(len(s.target_ids))]
         return _gather(model, chunk, hidden[tuple(torch.tensor(c, device=device) for c in zip(*at))], device)
     slot = {p: i for i, p in enumerate(distinct)}
     which = [slot[p] for p in prompts]
     longer = [r for r, s in enumerate(chunk) if len(s.target_ids) > 1]
-    prefix = SplitBatch.build([list(p) for p in distinct], [len(p) for p in distinct], pad_id, device)
+    prefix = SplitBatch.build([list(p) for p in distinct], [len(p) for p in distinct], pad, device)
     out = body(model)(input_ids=prefix.prefix_ids, attention_mask=prefix.prefix_mask,
                       position_ids=(prefix.prefix_mask.cumsum(1) - 1).clamp(min=0),
                       past_key_values=DynamicCache() if longer else None, use_cache=bool(longer))
@@ -143,7 +144,7 @@ def _score_chunk(model: nn.Module, chunk: list, prompts: list[tuple[int, ...]], 
         kv = DynamicCache(ddp_cache_data=[(layer.keys[take], layer.values[take])
                                           for layer in out.past_key_values.layers])
         suffix = SplitBatch.build([chunk[r].ids[chunk[r].first_target_pos + 1:] for r in longer], [0] * len(longer),
-                                  pad_id, device)
+                                  pad, device)
         prefix_mask = prefix.prefix_mask[take]
         width = suffix.suffix_ids.shape[1]
         positions = prefix_mask.sum(1, keepdim=True) + torch.arange(width, device=device)
@@ -161,7 +162,7 @@ def _gather(model: nn.Module, chunk: list, hidden: torch.Tensor, device):
     logits = unembed(model, hidden)
     logits = logits.float()
     targets = torch.tensor([t for s in chunk for t in s.target_ids], device=device)
-    tok_logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].cpu().tolist()
+    tok_logp = token_logprobs(logits, targets).cpu().tolist()
     top1 = logits.argmax(dim=-1).cpu().tolist()
     out_lp, out_top, k = [], [], 0
     for s in chunk:

@@ -31,6 +31,7 @@ from lmedit.locate.prompts import subject_last_token, with_target
 from lmedit.locate.sites import SITES, check_site, site_module
 from lmedit.models.arch import mlp_out_dims, mlp_out_module
 from lmedit.models.forward import frozen_weights
+from lmedit.models.logprobs import token_logprobs
 from lmedit.models.hooks import edit_output
 from lmedit.requests import EditRequest
 from lmedit.settings import check_settings, choice, integer, number
@@ -159,8 +160,7 @@ def _compute_values(model, tokenizer, requests, layer, templates, config, progre
         local = torch.full((n_rows,), -1, dtype=torch.long, device=device)
         local[rows_now] = torch.arange(len(rows_now), device=device)
         keep = local[tgt_row] >= 0
-        logp = unembed(model, hidden[local[tgt_row[keep]], tgt_pos[keep]]).to(work).log_softmax(-1)
-        tok_logp = logp.gather(1, tgt_tok[keep, None]).squeeze(1)
+        tok_logp = token_logprobs(unembed(model, hidden[local[tgt_row[keep]], tgt_pos[keep]]), tgt_tok[keep], work)
         # per-row mean NLL of the target tokens, then mean over each request's rewrite rows
         row_nll = torch.zeros(n_rows, device=device, dtype=work).index_add_(0, tgt_row[keep], -tok_logp) / tgt_len.clamp(min=1)
         nll = torch.zeros(n, device=device, dtype=work).index_add_(0, owner_t[~is_kl], row_nll[~is_kl]) / n_rewrite

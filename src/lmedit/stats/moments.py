@@ -42,6 +42,7 @@ from lmedit.models.forward import right_pad
 from lmedit.models.arch import check_layer, mlp_out_dims, mlp_out_module
 from lmedit.models.hooks import capture_io, run_until_stop
 from lmedit.models.loading import cache_dir
+from lmedit.models.logprobs import pad_id
 from lmedit.stats.corpora import Corpus
 from lmedit.stats.sampling import Sample, batches, draw, model_context, token_ids
 
@@ -161,7 +162,7 @@ def compute_second_moments(model: nn.Module, tokenizer, layers: list[int], corpu
             count, start = 0, 0
     bar = tqdm(total=total, initial=count, desc=f"statistics ({corpus.id}, layers {layers})", unit="tok",
                disable=not progress or rank != 0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     with torch.no_grad():
         for b in range(start, len(plan)):
             if b % world == rank:  # under torch.distributed each rank runs every world-th batch
