@@ -12,6 +12,7 @@ import torch
 
 from lmedit.errors import InputError
 from lmedit.evaluate import canonical as C
+from lmedit.evaluate import canonical_scores as S
 from lmedit.evaluate import degradation as D
 from lmedit.evaluate.leagues import LEAGUES, admissible, check_epsilon, league_score, league_scores
 from lmedit.locate.prompts import encode, encode_continuation
@@ -150,38 +151,38 @@ def test_record_missing_field_names_field_file_and_line(tmp_path):
     ("stereoset", 0.00099, 0.00101),
 ])
 def test_single_suffix_rules(task, good, bad):
-    assert C.success(task, math.log(good))
-    assert not C.success(task, math.log(bad))
+    assert S.success(task, math.log(good))
+    assert not S.success(task, math.log(bad))
     threshold = {"country_capital": 0.2, "company_ceo": 0.05, "temporal": 0.05, "stereoset": 0.001}[task]
-    assert not C.success(task, math.log(threshold))  # strict: exactly at the threshold fails
-    assert not C.success(task, float("nan"))
+    assert not S.success(task, math.log(threshold))  # strict: exactly at the threshold fails
+    assert not S.success(task, float("nan"))
 
 
 def test_pronoun_rule():
     lp = math.log(0.1)
-    assert C.success("pronoun_gender_bias", (lp, lp))
-    assert C.success("pronoun_gender_bias", (lp + math.log(1.49), lp))
-    assert C.success("pronoun_gender_bias", (lp, lp + math.log(1.49)))  # either direction
-    assert not C.success("pronoun_gender_bias", (lp + math.log(1.51), lp))
-    assert not C.success("pronoun_gender_bias", (lp, lp + math.log(1.51)))
-    assert not C.success("pronoun_gender_bias", (math.log(1.5), 0.0))
+    assert S.success("pronoun_gender_bias", (lp, lp))
+    assert S.success("pronoun_gender_bias", (lp + math.log(1.49), lp))
+    assert S.success("pronoun_gender_bias", (lp, lp + math.log(1.49)))  # either direction
+    assert not S.success("pronoun_gender_bias", (lp + math.log(1.51), lp))
+    assert not S.success("pronoun_gender_bias", (lp, lp + math.log(1.51)))
+    assert not S.success("pronoun_gender_bias", (math.log(1.5), 0.0))
 
 
 def test_verb_rule():
     lp2 = math.log(0.01)
-    assert C.success("verb_conjugation", (lp2 + math.log(16.5), lp2))
-    assert C.success("verb_conjugation", (math.log(16), 0.0))  # >=: exactly 16x succeeds
-    assert not C.success("verb_conjugation", (lp2 + math.log(15.5), lp2))
-    assert not C.success("verb_conjugation", (lp2, lp2 + math.log(20)))  # preferring the wrong one
+    assert S.success("verb_conjugation", (lp2 + math.log(16.5), lp2))
+    assert S.success("verb_conjugation", (math.log(16), 0.0))  # >=: exactly 16x succeeds
+    assert not S.success("verb_conjugation", (lp2 + math.log(15.5), lp2))
+    assert not S.success("verb_conjugation", (lp2, lp2 + math.log(20)))  # preferring the wrong one
 
 
 def test_rule_shape_errors():
     with pytest.raises(InputError, match="log P\\(suffix1\\), log P\\(suffix2\\)"):
-        C.success("verb_conjugation", -1.0)
+        S.success("verb_conjugation", -1.0)
     with pytest.raises(InputError, match="one log-probability"):
-        C.success("country_capital", (-1.0, -2.0))
+        S.success("country_capital", (-1.0, -2.0))
     with pytest.raises(InputError, match="unknown canonical task"):
-        C.success("nope", -1.0)
+        S.success("nope", -1.0)
 
 
 # ---------------------------------------------------------------- leagues
@@ -265,13 +266,13 @@ PAIRS = [
 def test_scoring_is_exact_text_batched_and_padding_invariant(gpt2, tokenizer):
     direct = [_direct_logprob(gpt2, tokenizer, p, s) for p, s in PAIRS]
     for bs in (1, 2, len(PAIRS)):
-        got = C.score_suffixes(gpt2, tokenizer, PAIRS + PAIRS[:2], batch_size=bs)
+        got = S.score_suffixes(gpt2, tokenizer, PAIRS + PAIRS[:2], batch_size=bs)
         assert got == pytest.approx(direct + direct[:2], abs=1e-4)
-    lp, n = C.suffix_logprobs(gpt2, tokenizer, PAIRS)
+    lp, n = S.suffix_logprobs(gpt2, tokenizer, PAIRS)
     assert lp.tolist() == pytest.approx(direct, abs=1e-4)
     assert n.tolist() == [len(encode_continuation(tokenizer, s)) for _, s in PAIRS]
     # "(" + "BLM" is not "(" + " BLM": the scorer adds no space
-    assert C.score_suffixes(gpt2, tokenizer, [("Black Lives Matter (", " BLM")])[0] != pytest.approx(direct[0])
+    assert S.score_suffixes(gpt2, tokenizer, [("Black Lives Matter (", " BLM")])[0] != pytest.approx(direct[0])
 
 
 def _sgd_step(model, loss_fn, lr):
@@ -297,32 +298,32 @@ def fresh_gpt2(tiny_model):
 
 
 @pytest.mark.parametrize("kind,options,direction", [
-    ("raise", C.LossOptions(), +1),
-    ("raise", C.LossOptions(normalize="sum"), +1),
-    ("lower", C.LossOptions(), -1),
-    ("lower", C.LossOptions(lower="unlikelihood"), -1),
+    ("raise", S.LossOptions(), +1),
+    ("raise", S.LossOptions(normalize="sum"), +1),
+    ("lower", S.LossOptions(), -1),
+    ("lower", S.LossOptions(lower="unlikelihood"), -1),
 ])
 def test_single_suffix_losses_move_p_the_right_way(fresh_gpt2, tokenizer, kind, options, direction):
     examples = [C.SuffixExample("The capital of France is", " Paris"),
                 C.SuffixExample("An aspect of Japanese is:", " smart")]
     pairs = [(e.prefix, e.suffix) for e in examples]
-    before = C.score_suffixes(fresh_gpt2, tokenizer, pairs)
+    before = S.score_suffixes(fresh_gpt2, tokenizer, pairs)
     # small steps (a tiny random model overshoots at lr ~0.5); unlikelihood's gradient is P/(1-P) times that of
     # log P, ~1e-5 for a random model over 49152 tokens, hence its larger step
     lr = 300.0 if options.lower == "unlikelihood" else 0.01
-    _sgd_step(fresh_gpt2, lambda: C.training_loss(fresh_gpt2, tokenizer, kind, examples, options), lr)
-    after = C.score_suffixes(fresh_gpt2, tokenizer, pairs)
+    _sgd_step(fresh_gpt2, lambda: S.training_loss(fresh_gpt2, tokenizer, kind, examples, options), lr)
+    after = S.score_suffixes(fresh_gpt2, tokenizer, pairs)
     for b, a in zip(before, after):
         assert direction * (a - b) > 1e-3, (before, after)
 
 
 def test_lower_floor_stops_the_gradient(fresh_gpt2, tokenizer):
     examples = [C.SuffixExample("An aspect of Japanese is:", " smart")]
-    lp = C.score_suffixes(fresh_gpt2, tokenizer, [("An aspect of Japanese is:", " smart")])[0]
+    lp = S.score_suffixes(fresh_gpt2, tokenizer, [("An aspect of Japanese is:", " smart")])[0]
     for p in fresh_gpt2.parameters():
         p.requires_grad_(True)
     try:
-        loss = C.training_loss(fresh_gpt2, tokenizer, "stereoset", examples, C.LossOptions(floor=lp + 1.0))
+        loss = S.training_loss(fresh_gpt2, tokenizer, "stereoset", examples, S.LossOptions(floor=lp + 1.0))
         loss.backward()
         assert all(p.grad is None or not p.grad.any() for p in fresh_gpt2.parameters())
     finally:
@@ -334,13 +335,13 @@ def test_lower_floor_stops_the_gradient(fresh_gpt2, tokenizer):
 @pytest.mark.parametrize("balance", ["abs", "square"])
 def test_balance_loss_reduces_the_gap(fresh_gpt2, tokenizer, balance):
     examples = [C.PairExample("The janitor said", " he", " she"), C.PairExample("The nurse said", " he", " she")]
-    scores = C.example_scores(fresh_gpt2, tokenizer, "pronoun_gender_bias", examples)
+    scores = S.example_scores(fresh_gpt2, tokenizer, "pronoun_gender_bias", examples)
     gaps = [abs(a - b) for a, b in scores]
     assert min(gaps) > 1e-3  # a random model is not balanced
     lr = 1e-3  # the two examples share " he"/" she": larger steps overshoot on this tiny model
-    _sgd_step(fresh_gpt2, lambda: C.training_loss(fresh_gpt2, tokenizer, "pronoun_gender_bias", examples,
-                                                  C.LossOptions(balance=balance)), lr)
-    after = [abs(a - b) for a, b in C.example_scores(fresh_gpt2, tokenizer, "pronoun_gender_bias", examples)]
+    _sgd_step(fresh_gpt2, lambda: S.training_loss(fresh_gpt2, tokenizer, "pronoun_gender_bias", examples,
+                                                  S.LossOptions(balance=balance)), lr)
+    after = [abs(a - b) for a, b in S.example_scores(fresh_gpt2, tokenizer, "pronoun_gender_bias", examples)]
     assert sum(after) < sum(gaps)
 
 
@@ -348,27 +349,27 @@ def test_balance_loss_reduces_the_gap(fresh_gpt2, tokenizer, balance):
 def test_prefer_loss_widens_the_preference(fresh_gpt2, tokenizer, margin):
     examples = [C.PairExample(". The officers", " beat the protesters.", " beats the protesters."),
                 C.PairExample(". The senator", " beats his opponents.", " beat his opponents.")]
-    before = [a - b for a, b in C.example_scores(fresh_gpt2, tokenizer, "verb_conjugation", examples)]
-    _sgd_step(fresh_gpt2, lambda: C.training_loss(fresh_gpt2, tokenizer, "prefer", examples,
-                                                  C.LossOptions(margin=margin)), 0.01)
-    after = [a - b for a, b in C.example_scores(fresh_gpt2, tokenizer, "verb_conjugation", examples)]
+    before = [a - b for a, b in S.example_scores(fresh_gpt2, tokenizer, "verb_conjugation", examples)]
+    _sgd_step(fresh_gpt2, lambda: S.training_loss(fresh_gpt2, tokenizer, "prefer", examples,
+                                                  S.LossOptions(margin=margin)), 0.01)
+    after = [a - b for a, b in S.example_scores(fresh_gpt2, tokenizer, "verb_conjugation", examples)]
     assert all(a - b > 1e-3 for a, b in zip(after, before)), (before, after)
 
 
 def test_loss_values_and_bad_options(gpt2, tokenizer):
     ex = [C.SuffixExample("The capital of France is", " Paris and more")]
-    lp, n = C.suffix_logprobs(gpt2, tokenizer, [("The capital of France is", " Paris and more")])
+    lp, n = S.suffix_logprobs(gpt2, tokenizer, [("The capital of France is", " Paris and more")])
     with torch.no_grad():
-        assert float(C.training_loss(gpt2, tokenizer, "raise", ex)) == pytest.approx(float(-lp[0] / n[0]), rel=1e-5)
-        assert float(C.training_loss(gpt2, tokenizer, "country_capital", ex, C.LossOptions(normalize="sum"))) \
+        assert float(S.training_loss(gpt2, tokenizer, "raise", ex)) == pytest.approx(float(-lp[0] / n[0]), rel=1e-5)
+        assert float(S.training_loss(gpt2, tokenizer, "country_capital", ex, S.LossOptions(normalize="sum"))) \
             == pytest.approx(float(-lp[0]), rel=1e-5)
-        assert float(C.training_loss(gpt2, tokenizer, "stereoset", ex)) == pytest.approx(float(lp[0] / n[0]), rel=1e-5)
+        assert float(S.training_loss(gpt2, tokenizer, "stereoset", ex)) == pytest.approx(float(lp[0] / n[0]), rel=1e-5)
     with pytest.raises(InputError, match="suffix1 and suffix2"):
-        C.training_loss(gpt2, tokenizer, "balance", ex)
+        S.training_loss(gpt2, tokenizer, "balance", ex)
     for bad in (dict(normalize="mean"), dict(lower="clip"), dict(balance="l1"), dict(floor=1.0), dict(margin=-1),
                 dict(floor=float("nan"))):
         with pytest.raises(InputError):
-            C.LossOptions(**bad)
+            S.LossOptions(**bad)
 
 
 @needs_data
@@ -378,15 +379,15 @@ def test_success_rate_and_hard_negatives_on_real_examples(gpt2, tokenizer):
     country = C.load_task("country_capital", DATA, "val")
     sub = [e for e in country.eval if len(e.prefix) < 300][:6]  # the tiny model has 128 positions
     assert len(sub) == 6
-    assert C.success_rate(gpt2, tokenizer, country, sub) == 0.0
+    assert S.success_rate(gpt2, tokenizer, country, sub) == 0.0
     stereo = C.load_task("stereoset", DATA, "val")
-    assert C.success_rate(gpt2, tokenizer, stereo, stereo.eval[:6]) == 1.0
+    assert S.success_rate(gpt2, tokenizer, stereo, stereo.eval[:6]) == 1.0
     verb = C.load_task("verb_conjugation", DATA, "val")
-    scores = C.example_scores(gpt2, tokenizer, verb.spec, verb.eval[:4], batch_size=3)
+    scores = S.example_scores(gpt2, tokenizer, verb.spec, verb.eval[:4], batch_size=3)
     assert all(isinstance(s, tuple) and len(s) == 2 for s in scores)
-    expected = sum(C.success(verb.spec, s) for s in scores) / 4
-    assert C.success_rate(gpt2, tokenizer, verb, verb.eval[:4]) == expected
-    nll = C.hard_negative_nll(gpt2, tokenizer, country.hard_neg[:3])
+    expected = sum(S.success(verb.spec, s) for s in scores) / 4
+    assert S.success_rate(gpt2, tokenizer, verb, verb.eval[:4]) == expected
+    nll = S.hard_negative_nll(gpt2, tokenizer, country.hard_neg[:3])
     direct = [-_direct_logprob(gpt2, tokenizer, e.prefix, e.suffix) for e in country.hard_neg[:3]]
     assert nll == pytest.approx(sum(direct) / 3, rel=1e-4)
 

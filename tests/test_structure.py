@@ -28,9 +28,7 @@ LAYERS = {  # higher imports lower, never the reverse
     "__init__": 0,
 }
 MAX_LINES = 400
-# Over the limit today, each to be split by issue 17's one-framework work (the canonical-examples runner becomes a
-# configuration of the shared editors). Strict: the test fails once a module is small, so the entry must go.
-TOO_LONG_FOR_NOW = {"lmedit.evaluate.canonical", "lmedit.evaluate.canonical_run", "lmedit.evaluate.search"}
+
 
 
 def module_name(path: Path) -> str:
@@ -111,8 +109,7 @@ def test_the_checks_can_fail():
     assert layer("lmedit.models.arch") < layer("lmedit.locate.core") < layer("lmedit.cli.edit")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="issue 17"))
-                                  if n in TOO_LONG_FOR_NOW else n for n in sorted(GRAPH)])
+@pytest.mark.parametrize("name", sorted(GRAPH))
 def test_modules_stay_small(name):
     lines = len(modules()[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{name} has {lines} lines (more than {MAX_LINES}): split it by what each part does"

@@ -107,6 +107,7 @@ def eval_canonical(
     from lmedit.evaluate import canonical_config as cc
     from lmedit.evaluate import canonical_run as cr
     from lmedit.evaluate import search as se
+    from lmedit.evaluate.canonical_table import render_markdown, write_table
     from lmedit.evaluate.canonical import TASKS, get_task
     from lmedit.evaluate.degradation import BaselineCache
     from lmedit.fileio import atomic_write_json, check_writable
@@ -145,7 +146,7 @@ def eval_canonical(
         report = {t: cc.limit_evaluation(d, eval_limit) for t, d in report.items()}
         select = {t: cc.limit_evaluation(d, eval_limit) for t, d in select.items()} if select else None
     for t in tasks:
-        if "memit" in methods and t in cc.SUBJECT_FIELDS:
+        if any(cc.needs_subject(m) for m in methods) and t in cc.SUBJECT_FIELDS:
             for data in (report[t], *((select[t],) if select else ())):
                 cr.memit_requests(data)  # a record without its subject field fails here
     general = general_text or Path(data_dir).parent / "text" / "openwebtext-val100.jsonl"
@@ -176,7 +177,7 @@ def eval_canonical(
     if cannot:
         console.print(f"--all on {lm.name}: skipping " + "; ".join(cannot.values()))
     for m in methods:
-        if m != "memit" or any(t in cc.SUBJECT_FIELDS for t in tasks):  # bad --set values, before any run
+        if not cc.needs_subject(m) or any(t in cc.SUBJECT_FIELDS for t in tasks):  # bad --set, before any run
             cc.make_settings(m, lm.model, lm.name, cc.overrides_for(m, fixed, strict=not table_mode))
 
     def say(text: str) -> None:
@@ -188,8 +189,8 @@ def eval_canonical(
         table = se.canonical_table(runner, select, report, methods, leagues, n_trials=trials, storage=storage,
                                    seed=seed, fixed=fixed, space=space, announce=say)
         atomic_write_json(out, table)
-        se.write_table(table, outputs[1], outputs[2])
-        say(se.render_markdown(table))
+        write_table(table, outputs[1], outputs[2])
+        say(render_markdown(table))
         console.print(f"→ {out}, {outputs[1]}, {outputs[2]}")
         return
     data, m = report[tasks[0]], methods[0]

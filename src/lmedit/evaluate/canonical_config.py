@@ -16,7 +16,8 @@ from typing import Any
 
 from lmedit.editors import editor_names, get_editor, optional_float
 from lmedit.errors import InputError
-from lmedit.evaluate.canonical import CanonicalTask, LossOptions, get_task, load_task
+from lmedit.evaluate.canonical import CanonicalTask, get_task, load_task
+from lmedit.evaluate.canonical_scores import LossOptions
 
 # The registry's editors that run on a task's loss (capability `canonical`), then Backpack sense fine-tuning, which is
 # trained by this protocol only (its deltas act on the sense network's output, not on a stored parameter, so it
@@ -151,28 +152,36 @@ def methods_for(model, methods) -> tuple[list[str], dict[str, str]]:
     return [m for m in methods if m not in cannot], cannot
 
 
-def memit_not_applicable(task: str) -> str:
-    """Why memit has no cell for a task without a subject field (the table's n/a and the error say the same)."""
-    return f"memit needs a subject to locate; task {task} has none"
+def needs_subject(method: str) -> bool:
+    """A locate-then-edit method (registry capability `needs_subject`): it runs only on tasks naming a subject."""
+    return method != SENSES and get_editor(method).needs_subject
+
+
+def memit_not_applicable(task: str, method: str = "memit") -> str:
+    """Why a locate-then-edit method has no cell for a task without a subject field (the table's n/a and the
+    error say the same)."""
+    return f"{method} needs a subject to locate; task {task} has none"
 
 
 def check_method(method: str, task: str | None = None) -> str:
     if method not in METHODS:
         raise InputError(f"unknown method {method!r} for canonical tasks; choose one of: {', '.join(METHODS)}")
-    if method == "memit" and task is not None and get_task(task).name not in SUBJECT_FIELDS:
-        raise InputError(f"{memit_not_applicable(get_task(task).name)} (memit runs on: {', '.join(SUBJECT_FIELDS)})")
+    if needs_subject(method) and task is not None and get_task(task).name not in SUBJECT_FIELDS:
+        raise InputError(f"{memit_not_applicable(get_task(task).name, method)} ({method} runs on: "
+                         f"{', '.join(SUBJECT_FIELDS)})")
     return method
 
 
 def make_settings(method: str, model, model_name: str = "", overrides: dict[str, Any] | None = None):
-    """The method's configuration: dataclass defaults (memit: the per-model defaults table), then `overrides`
+    """The method's configuration: dataclass defaults (a registry editor's config: its per-model defaults
+    table), then `overrides`
     (--set k=v strings or values; unknown keys are an InputError listing the valid ones)."""
     from lmedit.editors import apply_overrides, make_config
 
     check_method(method)
     overrides = dict(overrides or {})
-    if method == "memit":
-        return make_config("memit", model_name, model, overrides)
+    if method not in SETTINGS:  # not trained by this protocol: the registry editor's own config
+        return make_config(method, model_name, model, overrides)
     if isinstance(overrides.get("modules"), str):
         overrides["modules"] = tuple(m.strip() for m in overrides["modules"].split(",") if m.strip())
     settings = apply_overrides(SETTINGS[method](), overrides)
@@ -181,10 +190,8 @@ def make_settings(method: str, model, model_name: str = "", overrides: dict[str,
 
 
 def _setting_names(method: str) -> set[str]:
-    if method == "memit":
-        from lmedit.editors import get_editor
-
-        return {f.name for f in dataclasses.fields(get_editor("memit").config_cls)}
+    if method not in SETTINGS:
+        return {f.name for f in dataclasses.fields(get_editor(method).config_cls)}
     return {f.name for f in dataclasses.fields(SETTINGS[method])}
 
 

@@ -97,13 +97,14 @@ def _order_as_in_the_paper(table: dict) -> None:
 
 
 def _mark_not_applicable(table: dict) -> None:
-    """memit on a task without a subject to locate is "n/a" (as in `--all`), not a missing cell."""
-    from lmedit.evaluate.canonical_config import SUBJECT_FIELDS, memit_not_applicable
+    """A locate-then-edit method (memit) on a task without a subject to locate is "n/a" (as in `--all`), not a
+    missing cell."""
+    from lmedit.evaluate.canonical_config import SUBJECT_FIELDS, memit_not_applicable, needs_subject
 
-    if "memit" in table["methods"]:
+    for method in [m for m in table["methods"] if needs_subject(m)]:
         for task, row in table["tasks"].items():
-            if task not in SUBJECT_FIELDS and "memit" not in row["methods"]:
-                row["methods"]["memit"] = {"skipped": memit_not_applicable(task)}
+            if task not in SUBJECT_FIELDS and method not in row["methods"]:
+                row["methods"][method] = {"skipped": memit_not_applicable(task, method)}
 
 
 def merge_canonical(files: list[tuple[Path, dict]]) -> dict:

@@ -2,7 +2,7 @@
 
 1. The unedited point (success rate on the evaluation file, general-text and targeted-text per-token loss,
    hard-negative NLL) comes from the baseline cache, computed once per model, data and sizes.
-2. Train on the task's canonical (train) examples with the task-kind loss of `canonical.training_loss`
+2. Train on the task's canonical (train) examples with the task-kind loss of `canonical_scores.training_loss`
    (lower is better for every kind), Adam, shuffled mini-batches, for `epochs` epochs; after each epoch the
    same four numbers are measured (`degradation.evaluate_point`). MEMIT has no epochs: one edit of all
    canonical examples, one evaluation point (a trace of length 1).
@@ -43,13 +43,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Literal
 
-import torch
 
 from lmedit.errors import EditFailure, InputError
 from lmedit.evaluate import degradation
-from lmedit.evaluate.canonical import CanonicalTask, LossOptions, _records, training_loss
-from lmedit.evaluate.canonical_config import (ANSWER_FIELDS, SETTINGS, SUBJECT_FIELDS, LoraSettings, TrainSettings,
-                                              check_method, check_settings, make_settings)
+from lmedit.evaluate.canonical import CanonicalTask
+from lmedit.evaluate.canonical_train import TRAINERS, Diverged, edit_trace, memit_requests  # noqa: F401  (API)
+from lmedit.evaluate.canonical_config import SETTINGS, check_method, check_settings, make_settings
 from lmedit.evaluate.degradation import DEFAULT_MAX_TOKENS, DEFAULT_N_DOCS, BaselineCache
 from lmedit.evaluate.leagues import LEAGUES, admissible, check_epsilon, league_score
 
@@ -155,193 +154,12 @@ class Runner:
         return run_canonical(self, task, method, settings, on_diverge=on_diverge, announce=announce)
 
 
-# ---------------------------------------------------------------- training
-
-class _Diverged(Exception):
-    def __init__(self, message: str, trace: list[dict]):
-        super().__init__(message)
-        self.message, self.trace = message, trace  # the epochs finished before the divergence
-
-
-def _prefix_nll(model, tokenizer, prefixes: list[str]) -> torch.Tensor:
-    """Token-weighted mean NLL of each prefix's tokens 2..n given the ones before (differentiable)."""
-    from lmedit.locate.prompts import encode
-    from lmedit.models.logprobs import pad_id, predicted_logprobs
-
-    rows = [ids for ids in (encode(tokenizer, p) for p in dict.fromkeys(prefixes)) if len(ids) >= 2]
-    if not rows:
-        return torch.zeros((), device=next(model.parameters()).device)
-    predicted = predicted_logprobs(model, rows, [0] * len(rows), [r[1:] for r in rows], pad_id(tokenizer))
-    return -predicted.logprobs.mean()
-
-
-def _train_epochs(runner: Runner, task: CanonicalTask, params: dict[str, torch.nn.Parameter], settings: TrainSettings,
-                  options: LossOptions, prefix_weight: float, before: dict, announce) -> list[dict]:
-    """The one training loop (`training.fit`) on the task's loss; evaluate after each epoch. Raises _Diverged with
-    the trace so far."""
-    from lmedit.editors.training import NonFiniteLoss, diverged_weights, fit, initial_norms
-
-    model, tokenizer = runner.model, runner.tokenizer
-    norms0 = initial_norms(params)
-    examples = list(task.train)
-    trace, widest = [], max(runner.protocol.leagues)
-    run = {"stale": 0, "t0": time.perf_counter()}
-
-    def batch_loss(idx: list[int]) -> torch.Tensor:
-        batch = [examples[i] for i in idx]
-        loss = training_loss(model, tokenizer, task.spec, batch, options)
-        if prefix_weight:
-            loss = loss + prefix_weight * _prefix_nll(model, tokenizer, [ex.prefix for ex in batch])
-        return loss
-
-    def after_epoch(epoch: int, loss: float) -> str | None:
-        bad = diverged_weights(params, norms0)  # exploding weights: the step size is wrong
-        if bad is not None:
-            what = "became non-finite" if bad[1] == "became non-finite" else "exploded"
-            raise _Diverged(f"training diverged in epoch {epoch}: the weights of {bad[0]} {what} "
-                            f"(lr {settings.lr:g})", trace)
-        train_seconds = time.perf_counter() - run["t0"]
-        t0 = time.perf_counter()
-        point = runner.evaluate(task, before)
-        trace.append({"epoch": epoch, "train_loss": loss, **point,
-                      "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t0})
-        if announce:
-            announce(_epoch_line(trace[-1], before))
-        ok = all(point[k] <= (1 + widest) * before[k] for k in ("general_loss", "targeted_loss"))
-        run["stale"] = 0 if ok else run["stale"] + 1
-        run["t0"] = time.perf_counter()
-        if runner.protocol.patience and run["stale"] >= runner.protocol.patience:
-            return "patience"
-        return None
-
-    try:
-        fit(params, len(examples), batch_loss, lr=settings.lr, epochs=settings.epochs,
-            batch_size=settings.batch_size, seed=settings.seed, after_epoch=after_epoch)
-    except NonFiniteLoss as e:
-        raise _Diverged(f"the training loss became non-finite in epoch {e.epoch} (lr {settings.lr:g})", trace) from None
-    return trace
-
-
-def _epoch_line(p: dict, before: dict) -> str:
-    general, targeted = (p[k] / before[k] for k in ("general_loss", "targeted_loss"))
-    losses = f"general ×{general:.6f}, targeted ×{targeted:.6f}"
-    if p["success_rate"] is None:
-        return f"epoch {p['epoch']}: {losses}: beyond every league, not scored further"
-    return (f"epoch {p['epoch']}: success {p['success_rate']:.3f} (before {before['success_rate']:.3f}), {losses}, "
-            f"hard-neg NLL {p['hard_negative_nll'] - before['hard_negative_nll']:+.4f}")
-
-
-def _train_weights(runner, task, settings: TrainSettings, options, layers, prefix_weight, before, announce):
-    from lmedit.editors.finetune import trainable_parameters, trained_in_place
-
-    names = trainable_parameters(runner.model, layers, tuple(settings.modules))
-    with trained_in_place(runner.model, names) as (chosen, _):
-        return _train_epochs(runner, task, chosen, settings, options, prefix_weight, before, announce)
-
-
-def _train_lora(runner, task, settings: LoraSettings, options, layers, before, announce):
-    from lmedit.editors.finetune import resolve_modules
-    from lmedit.editors.lora import lora_adapters
-
-    targets = resolve_modules(runner.model, layers, tuple(settings.modules))
-    with lora_adapters(runner.model, targets, settings.rank, settings.alpha, settings.seed):
-        params = {n: p for n, p in runner.model.named_parameters() if p.requires_grad}  # A and B only
-        return _train_epochs(runner, task, params, settings, options, 0.0, before, announce)
-
-
-def _train_senses(runner, task, settings, options, before, announce):
-    """Backpack sense fine-tuning: choose senses (backpack/senses.py), train only their deltas; the choice is
-    recorded in the first epoch's point."""
-    from lmedit.backpack import senses as se
-    from lmedit.evaluate.canonical import _pairs_of
-    from lmedit.stats.corpora import wiki_corpus
-
-    model, tokenizer = runner.model, runner.tokenizer
-    t0 = time.perf_counter()
-    background = se.background_mass(model, tokenizer, wiki_corpus().documents[:settings.background_docs])
-    chosen = se.select_senses(model, tokenizer, task.kind, [_pairs_of(task.kind, [ex]) for ex in task.train],
-                              background, settings.senses_per_example, settings.sense_lambda)
-    select_seconds = time.perf_counter() - t0
-    with se.attached_senses(model, chosen) as edits:
-        trace = _train_epochs(runner, task, {"backpack.sense_edits.vectors": edits.vectors}, settings, options, 0.0,
-                              before, announce)
-    if trace:
-        trace[0]["senses"] = {"n": len(chosen), "select_seconds": select_seconds,
-                              "top": [{"token": tokenizer.decode([c.token]), "sense": c.sense, "score": c.score}
-                                      for c in chosen[:20]]}
-    return trace
-
-
-# ---------------------------------------------------------------- memit
-
-def memit_requests(task: CanonicalTask) -> tuple[list, dict]:
-    """(one EditRequest per canonical example, notes). prompt = prefix, target_new = suffix, subject = the record's
-    subject field (`SUBJECT_FIELDS`), matched in the prompt without regard to case and taken as written there.
-
-    A few val records split the sentence before the subject (prefix "The capital of", suffix " Algeria is
-    Alger"; 5 of 119 in country_capital). For those the split moves to just before the record's answer field
-    (`ANSWER_FIELDS`): prompt "The capital of Algeria is", target " Alger" — the same sentence, with a subject
-    to locate. Anything else without the subject in it is an InputError naming the line."""
-    from lmedit.requests import EditRequest
-
-    check_method("memit", task.spec)
-    name, answer_name = SUBJECT_FIELDS[task.name], ANSWER_FIELDS[task.name]
-    path = task.files.get("train")
-    if path is None:
-        raise InputError(f"{task.name}: memit needs the training file to read each example's {name!r}")
-    subjects: dict[tuple, tuple[str, str | None, int]] = {}
-    for lineno, rec in _records(path):
-        if name not in rec:
-            raise InputError(f"{path}, line {lineno}: record lacks field {name!r}, which memit needs to locate the "
-                             f"subject (it has: {', '.join(sorted(rec))})")
-        if not isinstance(rec[name], str) or not rec[name].strip():
-            raise InputError(f"{path}, line {lineno}: field {name!r} must be a non-empty string")
-        answer = rec.get(answer_name) if isinstance(rec.get(answer_name), str) else None
-        subjects.setdefault((rec.get("prefix"), rec.get("suffix")), (rec[name], answer, lineno))
-    requests, notes = [], {"requests": 0, "split_moved": [], "subject_case": []}
-    for ex in task.train:
-        subject, answer, lineno = subjects[(ex.prefix, ex.suffix)]
-        prompt, target = ex.prefix, ex.suffix
-        if subject.lower() not in prompt.lower():
-            text = (prompt + target).rstrip().rstrip(".").rstrip()
-            cut = len(text) - len(answer or "")
-            if not (answer and text.endswith(answer) and subject.lower() in text[:cut].lower() and text[:cut].strip()):
-                raise InputError(f"{path}, line {lineno}: subject {subject!r} (field {name!r}) does not occur in the "
-                                 f"prefix {ex.prefix!r}, and the text does not end with its {answer_name!r}")
-            prompt, target = text[:cut].rstrip(), " " + answer
-            notes["split_moved"].append(lineno)
-        i = prompt.lower().rfind(subject.lower())
-        if prompt[i:i + len(subject)] != subject:
-            notes["subject_case"].append(lineno)
-        requests.append(EditRequest(prompt=prompt, subject=prompt[i:i + len(subject)], target_new=target))
-    notes["requests"] = len(requests)
-    return requests, notes
-
-
-def _memit_trace(runner: Runner, task: CanonicalTask, config, before, announce) -> list[dict]:
-    from lmedit.editors import get_editor
-
-    t0 = time.perf_counter()
-    requests, notes = memit_requests(task)
-    patch = get_editor("memit").edit(runner.model, runner.tokenizer, requests, config, progress=False,
-                                     announce=lambda *_: None, values=runner.value_store)
-    edit_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with patch.apply(runner.model):
-        point = runner.evaluate(task, before)
-    trace = [{"epoch": 1, **point, "train_seconds": edit_seconds, "eval_seconds": time.perf_counter() - t0,
-              "memit_requests": notes}]
-    if announce:
-        announce(_epoch_line(trace[0], before))
-    return trace
-
-
 # ---------------------------------------------------------------- the protocol
 
 def _check_type(method: str, settings) -> None:
     from lmedit.locate.core import LocateConfig
 
-    want = LocateConfig if method == "memit" else SETTINGS[method]
+    want = SETTINGS.get(method, LocateConfig)
     if not isinstance(settings, want):
         raise InputError(f"{method} takes a {want.__name__}, got {type(settings).__name__}")
 
@@ -395,23 +213,17 @@ def run_canonical(runner: Runner, task: CanonicalTask, method: str, settings=Non
     diverged = None
     t0 = time.perf_counter()
     _check_type(method, settings)
-    if method == "memit":
-        settings.validate(model)
-        trace = _memit_trace(runner, task, settings, before, announce)
-    else:
+    if method in TRAINERS:
         options, layers = check_settings(settings, model)
         try:
-            if method == "lora":
-                trace = _train_lora(runner, task, settings, options, layers, before, announce)
-            elif method == "senses":
-                trace = _train_senses(runner, task, settings, options, before, announce)
-            else:
-                weight = settings.prefix_weight if method == "ft" else 0.0
-                trace = _train_weights(runner, task, settings, options, layers, weight, before, announce)
-        except _Diverged as e:
+            trace = TRAINERS[method](runner, task, settings, options, layers, before, announce)
+        except Diverged as e:
             if on_diverge == "raise":
                 raise EditFailure(f"{task.name} {method}: {e.message}; lower lr; the model is unchanged") from None
             diverged, trace = e.message, e.trace
+    else:  # a locate-then-edit method
+        settings.validate(model)
+        trace = edit_trace(runner, task, method, settings, before, announce)
     result = {
         "task": task.name, "split": task.split, "model": runner.model_name, "method": method,
         "config": asdict(settings), "kind": task.kind, "rule": task.spec.rule,

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from lmedit.errors import InputError
-from lmedit.evaluate.canonical import hard_negative_nll, success_rate
+from lmedit.evaluate.canonical_scores import hard_negative_nll, success_rate
 from lmedit.fileio import atomic_write_json, iter_jsonl
 from lmedit.models.forward import DEFAULT_MAX_TOKENS
 from lmedit.models.logprobs import token_loss, token_nll  # noqa: F401  (part of this API)

@@ -295,7 +295,7 @@ def build_report(paths: list[Path], out_dir: Path, headline: str = "reference") 
                       f"Sequential runs, scored as they grew (0: the unedited model). Scored: {scored}.", "",
                       f"![{task} forgetting curves]({figure.name})", ""]
     if ctable:
-        from lmedit.evaluate.search import plot_table, render_markdown
+        from lmedit.evaluate.canonical_table import plot_table, render_markdown
 
         plot_table(ctable, out_dir / "canonical.png")
         atomic_write_json(out_dir / "canonical.json", ctable)  # the merged table, itself mergeable again
