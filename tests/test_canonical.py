@@ -194,6 +194,9 @@ def _pt(sr, gen, tgt):
     return {"success_rate": sr, "general_loss": gen, "targeted_loss": tgt}
 
 
+OLD = "general_and_targeted"  # lmedit's earlier rule: both losses <= (1 + eps) x before
+
+
 def test_league_picks_last_admissible_epoch():
     trace = [
         _pt(0.20, 3.0 * (1 + 5e-6), 2.0),  # 1: within every league
@@ -203,31 +206,50 @@ def test_league_picks_last_admissible_epoch():
         _pt(0.50, 3.0 * (1 + 3e-6), 2.0 * (1 + 8e-6)),  # 5: back within every league
         _pt(0.70, 3.0 * (1 + 2e-4), 2.0),  # 6: within 1e-3 only
     ]
-    r = league_score(trace, BEFORE, 1e-3)
+    r = league_score(trace, BEFORE, 1e-3, OLD)
     assert r.epoch == 6 and r.score == pytest.approx(0.60)
-    r = league_score(trace, BEFORE, 1e-4)
+    r = league_score(trace, BEFORE, 1e-4, OLD)
     assert r.epoch == 5 and r.score == pytest.approx(0.40)  # not the best (epoch 2/3), the last
-    r = league_score(trace, BEFORE, 1e-5)
+    r = league_score(trace, BEFORE, 1e-5, OLD)
     assert r.epoch == 5 and r.score == pytest.approx(0.40)
-    assert set(league_scores(trace, BEFORE)) == set(LEAGUES)
+    assert set(league_scores(trace, BEFORE, rule=OLD)) == set(LEAGUES)
     # a success rate that went down at the last admissible epoch is a negative score
-    assert league_score([_pt(0.05, 3.0, 2.0)], BEFORE, 1e-5).score == pytest.approx(-0.05)
+    assert league_score([_pt(0.05, 3.0, 2.0)], BEFORE, 1e-5, OLD).score == pytest.approx(-0.05)
 
 
 def test_method_that_degrades_too_much():
     # improves a lot, but the general loss leaves the league after epoch 2 and never comes back
     trace = [_pt(0.2, 3.0 + 1e-6, 2.0), _pt(0.3, 3.0 + 2e-6, 2.0)] + [_pt(0.9, 3.5, 2.0)] * 3
-    r = league_score(trace, BEFORE, 1e-5)
+    r = league_score(trace, BEFORE, 1e-5, OLD)
     assert (r.epoch, r.score) == (2, pytest.approx(0.2))
     # degrades from the first epoch on: no admissible point, score 0
-    r = league_score([_pt(0.9, 3.1, 2.0), _pt(1.0, 3.2, 2.0)], BEFORE, 1e-3)
+    r = league_score([_pt(0.9, 3.1, 2.0), _pt(1.0, 3.2, 2.0)], BEFORE, 1e-3, OLD)
     assert (r.epoch, r.score, r.point) == (None, 0.0, None)
     # targeted degradation alone disqualifies too; a diverged (NaN) epoch is never admissible
-    r = league_score([_pt(0.5, 3.0, 2.0 * 1.01), _pt(0.6, float("nan"), 2.0)], BEFORE, 1e-3)
+    r = league_score([_pt(0.5, 3.0, 2.0 * 1.01), _pt(0.6, float("nan"), 2.0)], BEFORE, 1e-3, OLD)
     assert (r.epoch, r.score) == (None, 0.0)
-    assert league_score([], BEFORE, 1e-3).epoch is None
+    r = league_score([_pt(0.6, float("nan"), 2.0)], BEFORE, 1e-3)  # NaN under the reference rule too
+    assert (r.epoch, r.score) == (None, 0.0)
+    assert league_score([], BEFORE, 1e-3, OLD).epoch is None
     # the bound itself is admissible (<=)
-    assert admissible(_pt(0.5, 3.0 * (1 + 1e-3), 2.0), BEFORE, 1e-3)
+    assert admissible(_pt(0.5, 3.0 * (1 + 1e-3), 2.0), BEFORE, 1e-3, OLD)
+
+
+def test_reference_rule_is_general_loss_only_and_strict():
+    """The default rule is the reference code's: general-text loss strictly below (1 + eps) x before; the
+    targeted-text loss does not enter. The earlier rule (both <=) is an option and picks another epoch here."""
+    trace = [_pt(0.30, 3.0 * (1 + 5e-6), 2.0 * 1.5),  # 1: general within 1e-5; targeted far beyond
+             _pt(0.40, 3.0 * (1 + 1e-5), 2.0)]  # 2: general exactly at the bound: not strictly below
+    r = league_score(trace, BEFORE, 1e-5)
+    assert (r.epoch, r.score) == (1, pytest.approx(0.20))
+    r = league_score(trace, BEFORE, 1e-5, OLD)
+    assert (r.epoch, r.score) == (2, pytest.approx(0.30))
+    assert not admissible(_pt(0.5, 3.0 * (1 + 1e-3), 2.0), BEFORE, 1e-3)
+    assert admissible(_pt(0.5, 3.0 * (1 + 1e-3) * (1 - 1e-12), 9.0), BEFORE, 1e-3)
+    assert admissible(_pt(0.5, 3.0, 2.0), BEFORE, 1e-5)  # the unedited point itself
+    with pytest.raises(InputError, match="unknown admissibility rule 'both'; choose one of: general, "
+                                         "general_and_targeted"):
+        league_score(trace, BEFORE, 1e-5, "both")
 
 
 @pytest.mark.parametrize("eps", [0, -1, float("nan"), float("inf"), "abc", None, True, "0"])

@@ -89,6 +89,9 @@ def eval_canonical(
         eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="score only the first N records of "
                                                  "each evaluation file (eval, hard negatives, targeted text): quick "
                                                  "runs on a CPU; the split name records it"),
+        admissible: str = typer.Option("general", "--admissible", help="which epochs a league may score: general "
+                                       "(general-text loss < (1 + eps) x before, the reference's) or "
+                                       "general_and_targeted (both losses <= (1 + eps) x before)"),
         patience: Optional[int] = typer.Option(None, "--patience", help="stop a run after this many epochs in a "
                                                "row over every league's budget (default: train all epochs)"),
         seed: int = typer.Option(0, "--seed", help="the TPE sampler's seed"),
@@ -108,6 +111,7 @@ def eval_canonical(
     from lmedit.evaluate import canonical_run as cr
     from lmedit.evaluate import search as se
     from lmedit.evaluate.canonical_table import render_markdown, write_table
+    from lmedit.evaluate.leagues import check_rule
     from lmedit.evaluate.canonical import TASKS, get_task
     from lmedit.evaluate.degradation import BaselineCache
     from lmedit.fileio import atomic_write_json, check_writable
@@ -131,6 +135,7 @@ def eval_canonical(
     if max_tokens < 2:
         raise InputError(f"--max-tokens must be at least 2, got {max_tokens}")
     _positive(patience, "--patience")
+    check_rule(admissible)
     select_name, report_name = _splits(split, select_split, trials)
     fixed = parse_sets(sets)
     if epochs is not None and not trials:
@@ -169,7 +174,7 @@ def eval_canonical(
         ensemble = EnsembleLM(big.model, lm.model)
         lm = LoadedModel(ensemble, big.tokenizer, arch_for(ensemble), f"{big.name}+backpack({lm.name})")
     protocol = cr.Protocol(str(general), n_docs=n_docs, max_tokens=max_tokens, leagues=tuple(leagues),
-                           patience=patience)
+                           patience=patience, admissible=admissible)
     runner = cr.Runner(lm.model, lm.tokenizer, protocol, lm.name, cache=BaselineCache())
     methods, cannot = cc.methods_for(lm.model, methods)
     if cannot and not all_:

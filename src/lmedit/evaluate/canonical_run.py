@@ -50,7 +50,7 @@ from lmedit.evaluate.canonical import CanonicalTask
 from lmedit.evaluate.canonical_train import TRAINERS, Diverged, edit_trace, memit_requests  # noqa: F401  (API)
 from lmedit.evaluate.canonical_config import SETTINGS, check_method, check_settings, make_settings
 from lmedit.evaluate.degradation import DEFAULT_MAX_TOKENS, DEFAULT_N_DOCS, BaselineCache
-from lmedit.evaluate.leagues import LEAGUES, admissible, check_epsilon, league_score
+from lmedit.evaluate.leagues import DEFAULT_RULE, LEAGUES, RULES, admissible, check_epsilon, check_rule, league_score
 
 # ---------------------------------------------------------------- the runner
 
@@ -65,12 +65,14 @@ class Protocol:
     eval_batch_size: int = 16
     leagues: tuple[float, ...] = LEAGUES
     patience: int | None = None  # stop after this many epochs in a row inadmissible in every league; None = never
+    admissible: str = DEFAULT_RULE  # leagues.RULES: "general" (the reference's) or "general_and_targeted"
 
     def key(self) -> dict:
         """The parts that change a number (for cache keys and study names)."""
         return {"general": degradation.file_digest(self.general_path), "n_docs": self.n_docs,
                 "max_tokens": self.max_tokens, "targeted_max_tokens": self.targeted_max_tokens,
                 "patience": self.patience, "stop_league": max(self.leagues) if self.patience else None,
+                **({"admissible": self.admissible} if self.admissible != "general_and_targeted" else {}),
                 # epochs beyond the widest league are not scored (Runner.evaluate): a run serves only leagues
                 # within it
                 "scored_within": max(self.leagues)}
@@ -88,6 +90,7 @@ class Runner:
                  cache: BaselineCache | None = None, fingerprint: str | None = None):
         if protocol.patience is not None and (isinstance(protocol.patience, bool) or protocol.patience < 1):
             raise InputError(f"patience must be a positive integer or none, got {protocol.patience!r}")
+        check_rule(protocol.admissible)
         self.protocol = dataclasses.replace(protocol, leagues=tuple(check_epsilon(e) for e in protocol.leagues))
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.cache = cache or BaselineCache()
@@ -138,7 +141,7 @@ class Runner:
         league is not scored further (success rate and hard negatives None): no league can choose it."""
         p = self.protocol
         widest = max(p.leagues)
-        within = None if before is None else (lambda point: admissible(point, before, widest))
+        within = None if before is None else (lambda point: admissible(point, before, widest, p.admissible))
 
         def point():
             return degradation.evaluate_point(self.model, self.tokenizer, task, self.general_texts,
@@ -164,12 +167,12 @@ def _check_type(method: str, settings) -> None:
         raise InputError(f"{method} takes a {want.__name__}, got {type(settings).__name__}")
 
 
-def league_table(trace: list[dict], before: dict, leagues) -> dict[str, dict]:
+def league_table(trace: list[dict], before: dict, leagues, rule: str = DEFAULT_RULE) -> dict[str, dict]:
     """Per league: score, the chosen epoch and that point's numbers with their change from before."""
     view = [{k: (math.nan if v is None else v) for k, v in p.items()} for p in trace]
     out = {}
     for eps in leagues:
-        res = league_score(view, before, eps)
+        res = league_score(view, before, eps, rule)
         p = res.point or before
         out[league_key(eps)] = {
             "epsilon": res.epsilon, "score": res.score, "epoch": res.epoch,
@@ -230,10 +233,10 @@ def run_canonical(runner: Runner, task: CanonicalTask, method: str, settings=Non
         "n": {role: len(getattr(task, role)) for role in ("train", "eval", "hard_neg", "unconditional")},
         "protocol": {"general_text": str(runner.protocol.general_path), "n_docs": runner.protocol.n_docs,
                      "max_tokens": runner.protocol.max_tokens, "patience": runner.protocol.patience,
-                     "admissible": "general and targeted per-token loss <= (1 + eps) x unedited; score = change "
-                                   "in success rate at the last admissible epoch, 0 if none"},
+                     "admissible_rule": runner.protocol.admissible, "admissible": RULES[runner.protocol.admissible]},
         "unedited": before, "unedited_from_cache": from_cache, "trace": trace,
-        "leagues": league_table(trace, before, runner.protocol.leagues), "diverged": diverged,
+        "leagues": league_table(trace, before, runner.protocol.leagues, runner.protocol.admissible),
+        "diverged": diverged,
         "timing": {"unedited_seconds": unedited_seconds, "run_seconds": time.perf_counter() - t0,
                    "train_seconds": sum(p["train_seconds"] for p in trace),
                    "eval_seconds": sum(p["eval_seconds"] for p in trace)},

@@ -16,6 +16,7 @@ from lmedit.errors import InputError
 from lmedit.evaluate.canonical import CanonicalTask, _records
 from lmedit.evaluate.canonical_config import ANSWER_FIELDS, SUBJECT_FIELDS, LoraSettings, TrainSettings, check_method
 from lmedit.evaluate.canonical_scores import LossOptions, training_loss
+from lmedit.evaluate.leagues import admissible
 
 
 # ---------------------------------------------------------------- training
@@ -70,7 +71,7 @@ def _train_epochs(runner, task: CanonicalTask, params: dict[str, torch.nn.Parame
                       "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t0})
         if announce:
             announce(_epoch_line(trace[-1], before))
-        ok = all(point[k] <= (1 + widest) * before[k] for k in ("general_loss", "targeted_loss"))
+        ok = admissible(point, before, widest, runner.protocol.admissible)
         run["stale"] = 0 if ok else run["stale"] + 1
         run["t0"] = time.perf_counter()
         if runner.protocol.patience and run["stale"] >= runner.protocol.patience:

@@ -1,11 +1,13 @@
 """Degradation leagues (Hewitt et al. 2024): an edit counts only while it stays within (1 + ε) of the unedited loss.
 
 A training trace is one point per epoch, `{"success_rate", "general_loss", "targeted_loss"}` after epoch 1, 2, …;
-`before` is the same for the unedited model. An epoch is admissible in league ε when BOTH its general-text loss
-and its targeted-text loss are ≤ (1 + ε) × their values before editing (DESIGN §8; the reference code checks the
-general loss only, with a strict <: equal losses are measure-zero apart from the unedited point itself). The
-score is the change in success rate at the LAST admissible epoch — not the best one, so a method cannot pick a
-lucky epoch it then degrades past — and 0 (epoch None) when no epoch is admissible, i.e. the unedited model.
+`before` is the same for the unedited model. Which epochs are admissible in league ε is a rule (`RULES`):
+- "general" (the default, as the reference code and the paper: its general-text loss is strictly below
+  (1 + ε) × its value before editing);
+- "general_and_targeted" (lmedit's earlier rule, DESIGN §8: the general-text AND the targeted-text loss are both
+  ≤ (1 + ε) × before), kept as an option.
+The score is the change in success rate at the LAST admissible epoch — not the best one, so a method cannot pick
+a lucky epoch it then degrades past — and 0 (epoch None) when no epoch is admissible, i.e. the unedited model.
 A NaN loss (a diverged run) is never admissible.
 """
 
@@ -19,6 +21,19 @@ from lmedit.errors import InputError
 
 LEAGUES: tuple[float, ...] = (1e-3, 1e-4, 1e-5)
 KEYS = ("success_rate", "general_loss", "targeted_loss")
+RULES = {  # rule -> what a result says it used
+    "general": "general-text per-token loss < (1 + eps) x unedited (the reference's rule); score = change in "
+               "success rate at the last admissible epoch, 0 if none",
+    "general_and_targeted": "general and targeted per-token loss <= (1 + eps) x unedited (lmedit's earlier "
+                            "rule); score = change in success rate at the last admissible epoch, 0 if none",
+}
+DEFAULT_RULE = "general"
+
+
+def check_rule(rule) -> str:
+    if rule not in RULES:
+        raise InputError(f"unknown admissibility rule {rule!r}; choose one of: {', '.join(RULES)}")
+    return rule
 
 
 def check_epsilon(epsilon) -> float:
@@ -59,22 +74,30 @@ def _check_before(before: Mapping) -> dict[str, float]:
     return out
 
 
-def admissible(point: Mapping, before: Mapping, epsilon) -> bool:
-    """Whether general and targeted loss of `point` are both ≤ (1 + ε) × before."""
+def _within(vals: Mapping[str, float], b: Mapping[str, float], eps: float, rule: str) -> bool:
+    if rule == "general":
+        return vals["general_loss"] < (1 + eps) * b["general_loss"]
+    return all(vals[k] <= (1 + eps) * b[k] for k in ("general_loss", "targeted_loss"))
+
+
+def admissible(point: Mapping, before: Mapping, epsilon, rule: str = DEFAULT_RULE) -> bool:
+    """Whether `point` is admissible in league ε under `rule` (see the module docstring)."""
     eps = check_epsilon(epsilon)
     b = _check_before(before)
-    return all(_number(point, k, "trace point") <= (1 + eps) * b[k] for k in ("general_loss", "targeted_loss"))
+    vals = {k: _number(point, k, "trace point") for k in ("general_loss", "targeted_loss")}
+    return _within(vals, b, eps, check_rule(rule))
 
 
-def league_score(trace: Sequence[Mapping], before: Mapping, epsilon) -> LeagueResult:
+def league_score(trace: Sequence[Mapping], before: Mapping, epsilon, rule: str = DEFAULT_RULE) -> LeagueResult:
     """Score of one training run in league ε: Δ success rate at the last admissible epoch, else 0."""
     eps = check_epsilon(epsilon)
     b = _check_before(before)
+    check_rule(rule)
     last = None
     for i, point in enumerate(trace):
         where = f"trace epoch {i + 1}"
         vals = {k: _number(point, k, where) for k in KEYS}
-        if all(vals[k] <= (1 + eps) * b[k] for k in ("general_loss", "targeted_loss")):
+        if _within(vals, b, eps, rule):
             last = i
     if last is None:
         return LeagueResult(eps, 0.0, None, None)
@@ -82,6 +105,6 @@ def league_score(trace: Sequence[Mapping], before: Mapping, epsilon) -> LeagueRe
     return LeagueResult(eps, float(point["success_rate"]) - b["success_rate"], last + 1, dict(point))
 
 
-def league_scores(trace: Sequence[Mapping], before: Mapping,
-                  leagues: Sequence[float] = LEAGUES) -> dict[float, LeagueResult]:
-    return {float(eps): league_score(trace, before, eps) for eps in leagues}
+def league_scores(trace: Sequence[Mapping], before: Mapping, leagues: Sequence[float] = LEAGUES,
+                  rule: str = DEFAULT_RULE) -> dict[float, LeagueResult]:
+    return {float(eps): league_score(trace, before, eps, rule) for eps in leagues}

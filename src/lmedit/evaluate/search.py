@@ -172,7 +172,8 @@ def search(runner: Runner, task: CanonicalTask, method: str, league: float, *, n
         overrides = {**fixed, **suggest(trial, method, space, fixed)}
         settings = make_settings(method, runner.model, runner.model_name, overrides)
         result, reused = cached_run(runner, task, method, settings)
-        entry = league_table(result["trace"], result["unedited"], [eps])[league_key(eps)]
+        entry = league_table(result["trace"], result["unedited"], [eps],
+                             runner.protocol.admissible)[league_key(eps)]
         trial.set_user_attr("league", entry)
         trial.set_user_attr("reused", reused)
         trial.set_user_attr("epochs_run", len(result["trace"]))
@@ -208,8 +209,8 @@ def run_selected(runner: Runner, study, task: CanonicalTask, method: str, league
     t0 = time.perf_counter()
     result, reused = cached_run(runner, task, method, settings, announce=announce)
     result = dict(result)
-    result["leagues"] = league_table(result["trace"], result["unedited"], sorted({*runner.protocol.leagues, eps},
-                                                                               reverse=True))
+    result["leagues"] = league_table(result["trace"], result["unedited"],
+                                     sorted({*runner.protocol.leagues, eps}, reverse=True), runner.protocol.admissible)
     result["selection"] = {"league": eps, "study": study.study_name, "selected_on": study.user_attrs.get("split"),
                            "n_trials": len(complete), "best_trial": best.number, "best_value": best.value,
                            "params": best.params, "fixed": fixed or {}, "reused": reused,
@@ -303,7 +304,7 @@ def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, rep
                 settings = make_settings(method, runner.model, runner.model_name, mine)
                 result, reused = cached_run(runner, rep, method, settings, announce=announce)
                 cost.add(run_key(rep.split, result["config"]), result["timing"], reused)
-                lt = league_table(result["trace"], result["unedited"], leagues)
+                lt = league_table(result["trace"], result["unedited"], leagues, runner.protocol.admissible)
                 for eps in leagues:
                     cells[league_key(eps)] = _cell(lt[league_key(eps)], {"config": result["config"], "reused": reused,
                                                                          "diverged": result["diverged"]})
