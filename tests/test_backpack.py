@@ -210,19 +210,29 @@ def test_ensemble_is_the_big_model_until_the_backpack_is_edited(bp, tiny_model, 
         EnsembleLM(big, small_vocab)
 
 
-def test_ensemble_weight_halves_until_the_budget_holds(bp, tiny_model):
-    ens = EnsembleLM(tiny_model("llama").model, bp.model, weight=1.0, halvings=4)
+def test_ensemble_weight_schedule_on_a_synthetic_loss_curve():
+    """w is lowered from 1.0 in steps of 0.1 until the large model's general loss is admissible in the league
+    (the paper's schedule); w = 0 (the large model alone, its unedited point) when no step is."""
+    from lmedit.evaluate.canonical_ensemble import W_STEPS, weight_schedule
+
+    assert W_STEPS == (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+    before = {"success_rate": 0.2, "general_loss": 3.0, "targeted_loss": 2.0}
     seen = []
 
-    def evaluate():  # the loss grows with w: admissible from w <= 0.25 on
-        seen.append(ens.w)
-        return {"general_loss": 1 + ens.w, "targeted_loss": 1.0}
+    def evaluate_at(w):  # general loss grows with w: 3 (1 + w 1e-4); the targeted loss jumps at every w
+        seen.append(w)
+        return {"success_rate": 0.2 + w, "general_loss": 3.0 * (1 + w * 1e-4), "targeted_loss": 9.0,
+                "hard_negative_nll": 1.0}
 
-    point = ens.fit_weight(evaluate, lambda p: p["general_loss"] <= 1.3)
-    assert seen == [1.0, 0.5, 0.25] and point["ensemble_weight"] == 0.25 and ens.w == 1.0
+    w, point, tried = weight_schedule(evaluate_at, before, 5e-5, "general")
+    assert seen == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4] and w == 0.4  # 0.5 gives exactly 1 + 5e-5: not below
+    assert point["success_rate"] == pytest.approx(0.6) and [t["w"] for t in tried] == seen
     seen.clear()
-    point = ens.fit_weight(evaluate, lambda p: False)  # never within: stops after 4 halvings
-    assert seen == [1.0, 0.5, 0.25, 0.125, 0.0625] and point["ensemble_weight"] == 0.0625
+    w, point, _ = weight_schedule(evaluate_at, before, 1e-3, "general")
+    assert (w, seen) == (1.0, [1.0])  # the widest league keeps the full weight
+    seen.clear()
+    w, point, tried = weight_schedule(evaluate_at, before, 1e-3, "general_and_targeted")
+    assert w == 0.0 and point == before and len(tried) == 10  # the targeted loss never fits: the large model alone
 
 
 # ---------------------------------------------------------------- training a small Backpack
@@ -281,8 +291,18 @@ def test_cli_canonical_senses_on_an_ensemble(bp, tiny_model, data_dir, tmp_path,
     cli.main()  # returns on success
     result = json.loads(out.read_text())
     assert result["method"] == "senses" and result["model"].startswith(str(big))
-    assert [p["epoch"] for p in result["trace"]] == [1, 2]
-    assert all(0 < p["ensemble_weight"] <= 1 for p in result["trace"])
+    assert [p["epoch"] for p in result["trace"]] == [1, 2]  # the Backpack's own epochs, trained alone
+    backpack = result["backpack_run"]
+    assert backpack["model"] == str(small) and backpack["unedited"] != result["unedited"]
+    for key, cell in result["leagues"].items():
+        assert cell["epoch"] == backpack["leagues"][key]["epoch"]
+        assert cell["ensemble_weight"] in (0.0, *[round(1 - 0.1 * i, 1) for i in range(10)])
+        assert cell["score"] == pytest.approx(cell["success_rate"] - result["unedited"]["success_rate"])
+    assert result["leagues"]["10"]["ensemble_weight"] == 1.0  # a budget of 11 x the loss holds at full weight
+    for flags in (["--method", "senses", "--trials", "2"], ["--method", "senses,ft"]):
+        assert_one_line_error(*run_cli(monkeypatch, capsys, *common, *flags, "--model", str(small),
+                                       "--ensemble-with", str(big), "--out", str(tmp_path / "y.json")),
+                              "--ensemble-with runs one senses run")
 
 
 @pytest.mark.parametrize("method", ["ft-conditional", "lora"])

@@ -9,12 +9,11 @@ tokenizer (a Backpack trained with the large model's tokenizer, as DESIGN §6 as
 
 The ensemble presents itself to lmedit as one more architecture (`lmedit-ensemble` in the table): its `body`
 returns the ensemble logits as its "hidden state" and its unembedding is the identity, so every evaluation
-(scoring, degradation, canonical losses) runs on it unchanged.
+(scoring, degradation, canonical losses) runs on it unchanged. How w is chosen per league, after the Backpack is
+trained alone, is evaluate/canonical_ensemble.py (the paper's protocol).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import nn
@@ -54,7 +53,7 @@ class _Body(nn.Module):
 class EnsembleLM(nn.Module):
     """`big` (any lmedit model) plus `w` × the log-probability change of `backpack_lm` (a BackpackForCausalLM)."""
 
-    def __init__(self, big: nn.Module, backpack_lm: nn.Module, weight: float = 1.0, halvings: int = 4):
+    def __init__(self, big: nn.Module, backpack_lm: nn.Module, weight: float = 1.0):
         super().__init__()
         from lmedit.models.backpack import MODEL_TYPE as BACKPACK
 
@@ -67,7 +66,7 @@ class EnsembleLM(nn.Module):
         self.big, self.backpack_lm = big, backpack_lm
         limits = [p for p in (_max_positions(big), _max_positions(backpack_lm)) if p is not None]
         self.config = EnsembleConfig(vocab_size=v_big, max_position_embeddings=min(limits) if limits else None)
-        self.w, self.halvings = weight, halvings
+        self.w = weight
         self.ensemble = _Body(self)
         self.head = nn.Identity()
 
@@ -80,20 +79,6 @@ class EnsembleLM(nn.Module):
         if not (isinstance(value, (int, float)) and value >= 0 and value == value and value != float("inf")):
             raise InputError(f"the ensemble weight w must be a finite number >= 0, got {value!r}")
         self._w = float(value)
-
-    def fit_weight(self, evaluate: Callable[[], dict], within: Callable[[dict], bool] | None) -> dict:
-        """DESIGN §6: "w lowered until the degradation budget holds". Evaluate at w; while the point breaks the
-        budget (`within` false), halve w, at most `halvings` times; the point records the w it was measured at.
-        w is set back afterwards: training always runs at the full weight."""
-        w0 = self.w
-        try:
-            point = evaluate()
-            while within is not None and not within(point) and self.w > w0 / 2 ** self.halvings:
-                self.w /= 2
-                point = evaluate()
-            return {**point, "ensemble_weight": self.w}
-        finally:
-            self.w = w0
 
     def logits(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         big = self.big(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

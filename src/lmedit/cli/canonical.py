@@ -141,6 +141,9 @@ def eval_canonical(
     if epochs is not None and not trials:
         fixed["epochs"] = str(epochs)
     table_mode = all_ or len(methods) > 1
+    if ensemble_with and (trials or table_mode or methods != ["senses"]):
+        raise InputError("--ensemble-with runs one senses run (the Backpack trained alone, then w chosen per league "
+                         "on the large model): give --method senses without --trials or --all")
     if table_mode:
         cc.check_overrides(methods, fixed)
     space = se.SearchSpace(max_epochs=epochs or 10)
@@ -165,16 +168,15 @@ def eval_canonical(
 
     # ---- the work
     lm = load_lm(model, device)
-    if ensemble_with:
-        from lmedit.models.arch import arch_for
-        from lmedit.backpack.ensemble import EnsembleLM
-        from lmedit.models.loading import LoadedModel
-
-        big = load_lm(ensemble_with, device)
-        ensemble = EnsembleLM(big.model, lm.model)
-        lm = LoadedModel(ensemble, big.tokenizer, arch_for(ensemble), f"{big.name}+backpack({lm.name})")
     protocol = cr.Protocol(str(general), n_docs=n_docs, max_tokens=max_tokens, leagues=tuple(leagues),
                            patience=patience, admissible=admissible)
+    ensemble_runner = None
+    if ensemble_with:
+        from lmedit.backpack.ensemble import EnsembleLM
+
+        big = load_lm(ensemble_with, device)
+        ensemble_runner = cr.Runner(EnsembleLM(big.model, lm.model), big.tokenizer, protocol,
+                                    f"{big.name}+backpack({lm.name})", cache=BaselineCache())
     runner = cr.Runner(lm.model, lm.tokenizer, protocol, lm.name, cache=BaselineCache())
     methods, cannot = cc.methods_for(lm.model, methods)
     if cannot and not all_:
@@ -202,7 +204,12 @@ def eval_canonical(
     fixed = cc.overrides_for(m, fixed)
     if not trials:
         settings = cc.make_settings(m, lm.model, lm.name, fixed)
-        result = runner.run(data, m, settings, announce=say)
+        if ensemble_runner is not None:
+            from lmedit.evaluate.canonical_ensemble import run_ensemble
+
+            result = run_ensemble(runner, ensemble_runner, data, settings, announce=say)
+        else:
+            result = runner.run(data, m, settings, announce=say)
         atomic_write_json(out, result)
         _print_result(console, result)
     else:

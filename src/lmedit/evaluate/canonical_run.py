@@ -143,14 +143,9 @@ class Runner:
         widest = max(p.leagues)
         within = None if before is None else (lambda point: admissible(point, before, widest, p.admissible))
 
-        def point():
-            return degradation.evaluate_point(self.model, self.tokenizer, task, self.general_texts,
-                                              max_tokens=p.max_tokens, targeted_max_tokens=p.targeted_max_tokens,
-                                              batch_size=p.eval_batch_size, within=within)
-
-        if not hasattr(self.model, "fit_weight"):
-            return point()
-        return self.model.fit_weight(point, within)
+        return degradation.evaluate_point(self.model, self.tokenizer, task, self.general_texts,
+                                          max_tokens=p.max_tokens, targeted_max_tokens=p.targeted_max_tokens,
+                                          batch_size=p.eval_batch_size, within=within)
 
     def run(self, task: CanonicalTask, method: str, settings=None, *, on_diverge: Literal["raise", "record"] = "raise",
             announce: Callable[[str], None] | None = None) -> dict:
@@ -198,12 +193,13 @@ def _jsonable(x):
 
 def run_canonical(runner: Runner, task: CanonicalTask, method: str, settings=None, *,
                   on_diverge: Literal["raise", "record"] = "raise",
-                  announce: Callable[[str], None] | None = None) -> dict:
+                  announce: Callable[[str], None] | None = None, keep: dict | None = None) -> dict:
     """The protocol for one (task, method, settings); the model comes back bit-exactly as it was.
 
     Returns {task, split, model, method, config, n, unedited, unedited_from_cache, trace, leagues, diverged,
     timing}; `leagues` maps "0.001" / "0.0001" / "1e-05" to {score, epoch, success_rate, general_loss,
-    general_change, targeted_loss, targeted_change, hard_negative_nll, hard_negative_change}."""
+    general_change, targeted_loss, targeted_change, hard_negative_nll, hard_negative_change}. `keep` (a dict)
+    receives the trained tensors of every epoch (and senses' chosen pairs): canonical_ensemble uses them."""
     check_method(method, task.spec)
     if on_diverge not in ("raise", "record"):
         raise InputError(f"on_diverge must be 'raise' or 'record', got {on_diverge!r}")
@@ -219,7 +215,7 @@ def run_canonical(runner: Runner, task: CanonicalTask, method: str, settings=Non
     if method in TRAINERS:
         options, layers = check_settings(settings, model)
         try:
-            trace = TRAINERS[method](runner, task, settings, options, layers, before, announce)
+            trace = TRAINERS[method](runner, task, settings, options, layers, before, announce, keep)
         except Diverged as e:
             if on_diverge == "raise":
                 raise EditFailure(f"{task.name} {method}: {e.message}; lower lr; the model is unchanged") from None

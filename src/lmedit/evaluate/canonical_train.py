@@ -40,9 +40,11 @@ def _prefix_nll(model, tokenizer, prefixes: list[str]) -> torch.Tensor:
 
 
 def _train_epochs(runner, task: CanonicalTask, params: dict[str, torch.nn.Parameter], settings: TrainSettings,
-                  options: LossOptions, prefix_weight: float, before: dict, announce) -> list[dict]:
+                  options: LossOptions, prefix_weight: float, before: dict, announce,
+                  keep: dict | None = None) -> list[dict]:
     """The one training loop (`training.fit`) on the task's loss; evaluate after each epoch. Raises Diverged with
-    the trace so far."""
+    the trace so far. `keep`: a dict that receives a copy of the trained tensors after every epoch
+    (keep["epochs"][e - 1]), for the ensemble, which carries the Backpack's chosen epoch to the large model."""
     from lmedit.editors.training import NonFiniteLoss, diverged_weights, fit, initial_norms
 
     model, tokenizer = runner.model, runner.tokenizer
@@ -64,6 +66,8 @@ def _train_epochs(runner, task: CanonicalTask, params: dict[str, torch.nn.Parame
             what = "became non-finite" if bad[1] == "became non-finite" else "exploded"
             raise Diverged(f"training diverged in epoch {epoch}: the weights of {bad[0]} {what} "
                             f"(lr {settings.lr:g})", trace)
+        if keep is not None:
+            keep.setdefault("epochs", []).append({n: p.detach().clone() for n, p in params.items()})
         train_seconds = time.perf_counter() - run["t0"]
         t0 = time.perf_counter()
         point = runner.evaluate(task, before)
@@ -95,27 +99,27 @@ def _epoch_line(p: dict, before: dict) -> str:
             f"hard-neg NLL {p['hard_negative_nll'] - before['hard_negative_nll']:+.4f}")
 
 
-def _train_weights(runner, task, settings: TrainSettings, options, layers, before, announce):
+def _train_weights(runner, task, settings: TrainSettings, options, layers, before, announce, keep=None):
     """ft and ft-conditional: the chosen weights in place; ft adds the prefix term (FtSettings.prefix_weight)."""
     from lmedit.editors.finetune import trainable_parameters, trained_in_place
 
     names = trainable_parameters(runner.model, layers, tuple(settings.modules))
     prefix_weight = getattr(settings, "prefix_weight", 0.0)
     with trained_in_place(runner.model, names) as (chosen, _):
-        return _train_epochs(runner, task, chosen, settings, options, prefix_weight, before, announce)
+        return _train_epochs(runner, task, chosen, settings, options, prefix_weight, before, announce, keep)
 
 
-def _train_lora(runner, task, settings: LoraSettings, options, layers, before, announce):
+def _train_lora(runner, task, settings: LoraSettings, options, layers, before, announce, keep=None):
     from lmedit.editors.finetune import resolve_modules
     from lmedit.editors.lora import lora_adapters
 
     targets = resolve_modules(runner.model, layers, tuple(settings.modules))
     with lora_adapters(runner.model, targets, settings.rank, settings.alpha, settings.seed):
         params = {n: p for n, p in runner.model.named_parameters() if p.requires_grad}  # A and B only
-        return _train_epochs(runner, task, params, settings, options, 0.0, before, announce)
+        return _train_epochs(runner, task, params, settings, options, 0.0, before, announce, keep)
 
 
-def _train_senses(runner, task, settings, options, layers, before, announce):
+def _train_senses(runner, task, settings, options, layers, before, announce, keep=None):
     """Backpack sense fine-tuning: choose senses (backpack/senses.py), train only their deltas; the choice is
     recorded in the first epoch's point."""
     from lmedit.backpack import senses as se
@@ -130,7 +134,9 @@ def _train_senses(runner, task, settings, options, layers, before, announce):
     select_seconds = time.perf_counter() - t0
     with se.attached_senses(model, chosen) as edits:
         trace = _train_epochs(runner, task, {"backpack.sense_edits.vectors": edits.vectors}, settings, options, 0.0,
-                              before, announce)
+                              before, announce, keep)
+    if keep is not None:
+        keep["chosen"] = chosen
     if trace:
         trace[0]["senses"] = {"n": len(chosen), "select_seconds": select_seconds,
                               "top": [{"token": tokenizer.decode([c.token]), "sense": c.sense, "score": c.score}
