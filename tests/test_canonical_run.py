@@ -279,7 +279,7 @@ def test_search_stores_trials_and_computes_the_unedited_point_once(tiny, data_di
     runner = _runner(tiny, tmp_path)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = se.SearchSpace(max_epochs=2, ft_lr=(1e-3, 1e-1))
-    fixed = {"batch_size": "2"}
+    fixed = {"batch_size": "1"}  # one example per step: the seed (the shuffle) changes the run
     study = se.search(runner, select, "ft", 0.5, n_trials=3, storage=storage, seed=0, fixed=fixed, space=space)
 
     stored = optuna.load_study(study_name=study.study_name, storage=storage)
@@ -295,11 +295,30 @@ def test_search_stores_trials_and_computes_the_unedited_point_once(tiny, data_di
     again = se.search(runner, select, "ft", 0.5, n_trials=3, storage=storage, fixed=fixed, space=space)
     assert len(again.trials) == 3 and len(calls) == n  # resumed: the study is complete, nothing reruns
 
-    result = se.run_selected(runner, study, report, "ft", 0.5, fixed=fixed)
+    result = se.run_selected(runner, study, report, "ft", 0.5, fixed=fixed, seeds=1)
     assert result["split"] == "tiny:b" and result["selection"]["selected_on"] == "tiny:a"
     assert result["selection"]["params"] == study.best_params
     assert len(result["trace"]) == study.best_params["epochs"]
     assert len(calls) == n + 1 + len(result["trace"])  # the report split's own unedited point, once
+
+    # the paper's reporting: the selected configuration re-run with seeds 0, 1, 2; each cell the mean ± s.e.
+    three = se.run_selected(runner, study, report, "ft", 0.5, fixed=fixed, seeds=3)
+    assert [r["seed"] for r in three["seed_runs"]] == [0, 1, 2] and three["seed_runs"][0]["reused"]
+    by_seed = []
+    for k in range(3):  # each seed's run on its own (from the run cache), scored by hand
+        settings = cc.make_settings("ft", tiny.model, "tiny-llama", {**fixed, **study.best_params, "seed": str(k)})
+        one, _ = se.cached_run(runner, report, "ft", settings)
+        by_seed.append(cr.league_table(one["trace"], one["unedited"], [0.5])["0.5"]["score"])
+    cell = three["leagues"]["0.5"]
+    mean = sum(by_seed) / 3
+    se_hand = (sum((x - mean) ** 2 for x in by_seed) / 2 / 3) ** 0.5
+    assert cell["seed_scores"] == pytest.approx(by_seed) and cell["score"] == pytest.approx(mean)
+    assert cell["score_se"] == pytest.approx(se_hand) and cell["seeds"] == 3
+    assert len({tuple(p["general_loss"] for p in se.cached_run(runner, report, "ft", cc.make_settings(
+        "ft", tiny.model, "tiny-llama", {**fixed, **study.best_params, "seed": str(k)}))[0]["trace"])
+        for k in range(3)}) == 2  # two training examples have two orders: the three seeds give two runs
+    with pytest.raises(InputError, match="report seeds must be a positive integer"):
+        se.run_selected(runner, study, report, "ft", 0.5, fixed=fixed, seeds=0)
 
 
 # ---------------------------------------------------------------- CLI
@@ -368,7 +387,8 @@ def test_cli_search_table_markdown_and_png(tiny, data_dir, tmp_path, tmp_cache, 
     ft = table["tasks"]["country_capital"]["methods"]["ft"]["leagues"]
     chosen = {json.dumps(c["params"], sort_keys=True) for c in ft.values()}
     cost = table["timing"]["groups"]["country_capital/ft"]
-    assert cost["runs"] == 2 + len(chosen) and cost["runs_reused"] >= 2
+    assert cost["runs"] == 2 + 3 * len(chosen) and cost["runs_reused"] >= 2  # the choice re-run with 3 seeds
+    assert cell["seeds"] == 3 and len(cell["seed_scores"]) == 3 and "± " in md and "3 seeds" in md
     assert cost["train_seconds"] > 0 and cost["eval_seconds"] > 0
     assert table["timing"]["breakdown"]["runs"] == cost["runs"] + table["timing"]["groups"]["country_capital/memit"]["runs"]
     assert "| country_capital · ft | " in md

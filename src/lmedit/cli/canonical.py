@@ -89,6 +89,9 @@ def eval_canonical(
         eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="score only the first N records of "
                                                  "each evaluation file (eval, hard negatives, targeted text): quick "
                                                  "runs on a CPU; the split name records it"),
+        report_seeds: int = typer.Option(3, "--report-seeds", help="with --trials: seeds the selected configuration "
+                                         "is re-run with on the report split (mean ± standard error; the paper "
+                                         "uses 10)"),
         admissible: str = typer.Option("general", "--admissible", help="which epochs a league may score: general "
                                        "(general-text loss < (1 + eps) x before, the reference's) or "
                                        "general_and_targeted (both losses <= (1 + eps) x before)"),
@@ -136,6 +139,7 @@ def eval_canonical(
         raise InputError(f"--max-tokens must be at least 2, got {max_tokens}")
     _positive(patience, "--patience")
     check_rule(admissible)
+    _positive(report_seeds, "--report-seeds")
     select_name, report_name = _splits(split, select_split, trials)
     fixed = parse_sets(sets)
     if epochs is not None and not trials:
@@ -194,7 +198,7 @@ def eval_canonical(
         say(f"selecting on {select_name}, reporting on {report_name}")
     if table_mode:
         table = se.canonical_table(runner, select, report, methods, leagues, n_trials=trials, storage=storage,
-                                   seed=seed, fixed=fixed, space=space, announce=say)
+                                   seed=seed, fixed=fixed, space=space, seeds=report_seeds, announce=say)
         atomic_write_json(out, table)
         write_table(table, outputs[1], outputs[2])
         say(render_markdown(table))
@@ -220,7 +224,7 @@ def eval_canonical(
             say(f"{data.name} · {m} · ε={cr.league_key(eps)}: searching on {select_name}")
             study = se.search(runner, select[tasks[0]], m, eps, n_trials=trials, storage=storage, seed=seed,
                               fixed=fixed, space=space, announce=say)
-            res = se.run_selected(runner, study, data, m, eps, fixed=fixed, announce=say)
+            res = se.run_selected(runner, study, data, m, eps, fixed=fixed, seeds=report_seeds, announce=say)
             result["leagues"][cr.league_key(eps)] = res
             cost.add_study(study)
             cost.add_selected(res)

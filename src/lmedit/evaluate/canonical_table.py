@@ -19,6 +19,11 @@ def _cell_text(cell: dict | None) -> str:
         return "–"
     if "skipped" in cell:
         return "n/a"
+    if cell.get("seeds", 1) > 1:  # mean over seeds ± standard error; the chosen epoch of each seed
+        epochs = ",".join("–" if e is None else str(e) for e in cell["seed_epochs"])
+        return (f"{_signed(cell['score'])} ± {cell['score_se']:.3f} ({cell['seeds']} seeds, ep {epochs}; "
+                f"gen {cell['general_change']:+.1e}, tgt {cell['targeted_change']:+.1e}, "
+                f"hn {cell['hard_negative_change']:+.3f})")
     ep = "unedited" if cell["epoch"] is None else f"ep {cell['epoch']}"
     return (f"{_signed(cell['score'])} ({ep}; gen {cell['general_change']:+.1e}, tgt {cell['targeted_change']:+.1e}, "
             f"hn {cell['hard_negative_change']:+.3f})")
@@ -34,7 +39,8 @@ def render_markdown(table: dict) -> str:
         lo, hi = table.get("n_trials_range") or (table["n_trials"],) * 2
         trials = f"{lo}" if lo == hi else f"{lo}–{hi}"
         lines.append(f"Hyperparameters: {trials} Optuna trials per cell on `{table['select_split']}`; "
-                     f"numbers from one run of the best configuration on `{table['report_split']}`.")
+                     f"numbers from the best configuration on `{table['report_split']}`, re-run with "
+                     f"{table.get('report_seeds') or 1} seed(s): mean ± standard error.")
     else:
         lines.append(f"One run per cell with fixed settings {table.get('fixed') or '(defaults)'} on "
                      f"`{table['report_split']}`.")
@@ -103,14 +109,16 @@ def plot_table(table: dict, path: str | Path) -> None:
     everything = [0.0]
     for ax, eps in zip(axes[:, 0], leagues):
         for i, method in enumerate(methods):
-            xs, vals = [], []
+            xs, vals, errs = [], [], []
             for j, t in enumerate(tasks):
                 cell = ((table["tasks"][t]["methods"].get(method) or {}).get("leagues") or {}).get(eps)
                 if cell is not None:
                     xs.append(j + i * width)
                     vals.append(cell.get("score") or 0.0)
-            everything += vals
-            bars = ax.bar(xs, vals, width, label=method)
+                    errs.append(cell.get("score_se") or 0.0)  # standard error over seeds (0: one run)
+            everything += [v - e for v, e in zip(vals, errs)] + [v + e for v, e in zip(vals, errs)]
+            bars = ax.bar(xs, vals, width, label=method, yerr=errs if any(errs) else None, capsize=2,
+                          error_kw={"linewidth": 0.8})
             ax.plot(xs, vals, "o", markersize=2.5, color=bars.patches[0].get_facecolor() if bars.patches else None)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], labels, fontsize=7)

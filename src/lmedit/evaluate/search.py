@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,12 +195,37 @@ def search(runner: Runner, task: CanonicalTask, method: str, league: float, *, n
     return study
 
 
+REPORT_SEEDS = 3  # the selected configuration is re-run with this many seeds on the report split (the paper: 10)
+NUMERIC = ("score", "success_rate", "general_loss", "general_change", "targeted_loss", "targeted_change",
+           "hard_negative_nll", "hard_negative_change")
+
+
+def seed_mean(entries: list[dict]) -> dict:
+    """One league cell from the same configuration run with several seeds: every number the mean over the seeds,
+    with the score's standard error (sample std / √n; 0 for one seed), the per-seed scores and epochs."""
+    n = len(entries)
+    out = dict(entries[0])
+    for key in NUMERIC:
+        vals = [e[key] for e in entries]
+        out[key] = sum(vals) / n
+    scores = [e["score"] for e in entries]
+    var = sum((x - out["score"]) ** 2 for x in scores) / (n - 1) if n > 1 else 0.0
+    out.update(score_se=math.sqrt(var / n), seed_scores=scores, seed_epochs=[e["epoch"] for e in entries],
+               epoch=entries[0]["epoch"] if len({e["epoch"] for e in entries}) == 1 else None, seeds=n)
+    return out
+
+
 def run_selected(runner: Runner, study, task: CanonicalTask, method: str, league: float, *,
-                 fixed: dict | None = None, announce: Callable[[str], None] | None = None) -> dict:
-    """Re-run the study's best configuration on `task` (the report split); the result carries the selection."""
+                 fixed: dict | None = None, seeds: int = REPORT_SEEDS,
+                 announce: Callable[[str], None] | None = None) -> dict:
+    """Re-run the study's best configuration on `task` (the report split) with `seeds` seeds (its `seed` setting
+    and the next ones), as the paper reports: every league cell is the mean over the seeds ± the standard error.
+    The result is the first seed's run (its trace) carrying the selection and the seed-averaged leagues."""
     import optuna
 
     eps = check_epsilon(league)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise InputError(f"the number of report seeds must be a positive integer, got {seeds!r}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise EditFailure(f"study {study.study_name} has no complete trial to select from")
@@ -207,13 +233,20 @@ def run_selected(runner: Runner, study, task: CanonicalTask, method: str, league
     overrides = {**(fixed or {}), **best.params}
     settings = make_settings(method, runner.model, runner.model_name, overrides)
     t0 = time.perf_counter()
-    result, reused = cached_run(runner, task, method, settings, announce=announce)
-    result = dict(result)
-    result["leagues"] = league_table(result["trace"], result["unedited"],
-                                     sorted({*runner.protocol.leagues, eps}, reverse=True), runner.protocol.admissible)
+    leagues = sorted({*runner.protocol.leagues, eps}, reverse=True)
+    runs = []
+    for k in range(seeds):
+        seeded = dataclasses.replace(settings, seed=settings.seed + k)
+        result, reused = cached_run(runner, task, method, seeded, announce=announce)
+        runs.append((result, reused, league_table(result["trace"], result["unedited"], leagues,
+                                                  runner.protocol.admissible)))
+    result = dict(runs[0][0])
+    result["leagues"] = {key: seed_mean([lt[key] for _, _, lt in runs]) for key in runs[0][2]}
+    result["seed_runs"] = [{"seed": settings.seed + k, "diverged": r["diverged"], "reused": reused,
+                            "timing": r["timing"]} for k, (r, reused, _) in enumerate(runs)]
     result["selection"] = {"league": eps, "study": study.study_name, "selected_on": study.user_attrs.get("split"),
                            "n_trials": len(complete), "best_trial": best.number, "best_value": best.value,
-                           "params": best.params, "fixed": fixed or {}, "reused": reused,
+                           "params": best.params, "fixed": fixed or {}, "reused": runs[0][1], "seeds": seeds,
                            "seconds": time.perf_counter() - t0}
     return result
 
@@ -252,7 +285,9 @@ class RunCost:
     def add_selected(self, result: dict) -> None:
         """The run of a study's best configuration on the report split (`run_selected`'s result)."""
         sel = result["selection"]
-        self.add(run_key(result["split"], sel["params"]), result["timing"], sel["reused"])
+        for run in result.get("seed_runs") or [{"seed": None, "timing": result["timing"], "reused": sel["reused"]}]:
+            config = sel["params"] if run["seed"] is None else {**sel["params"], "seed": run["seed"]}
+            self.add(run_key(result["split"], config), run["timing"], run["reused"])
 
     def breakdown(self) -> dict:
         runs = list(self._runs.values())
@@ -269,9 +304,10 @@ def run_key(split: str | None, config: dict) -> str:
 def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, report: dict[str, CanonicalTask],
                     methods: Sequence[str], leagues: Sequence[float] = LEAGUES, *, n_trials: int = 0,
                     storage: str | None = None, seed: int = 0, fixed: dict | None = None,
-                    space: SearchSpace = SearchSpace(), announce: Callable[[str], None] | None = None) -> dict:
+                    space: SearchSpace = SearchSpace(), seeds: int = REPORT_SEEDS,
+                    announce: Callable[[str], None] | None = None) -> dict:
     """Methods × tasks × leagues. With n_trials > 0: a study per cell on `select[task]`, its best configuration
-    reported on `report[task]`; with n_trials = 0: one run per (task, method) with the fixed settings, scored
+    reported on `report[task]` (mean ± s.e. over `seeds` seeds); with n_trials = 0: one run per (task, method) with the fixed settings, scored
     in every league. memit on a task without a subject is a cell {"skipped": reason}."""
     say = announce or (lambda *_: None)
     leagues = [check_epsilon(e) for e in leagues]
@@ -283,6 +319,7 @@ def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, rep
              "report_split": next(iter(report.values())).split,
              "storage": (storage or default_storage(runner)) if n_trials else None, "seed": seed,
              "fixed": dict(fixed or {}), "space": dataclasses.asdict(space) if n_trials else None,
+             "report_seeds": seeds if n_trials else None,
              "protocol": None, "tasks": {}, "timing": {}}
     groups: dict[str, RunCost] = {}
     for name, rep in report.items():
@@ -313,7 +350,7 @@ def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, rep
                     study = search(runner, select[name], method, eps, n_trials=n_trials, storage=storage, seed=seed,
                                    fixed=mine, space=space, announce=announce)
                     cost.add_study(study)
-                    res = run_selected(runner, study, rep, method, eps, fixed=mine)
+                    res = run_selected(runner, study, rep, method, eps, fixed=mine, seeds=seeds)
                     cost.add_selected(res)
                     sel = res["selection"]
                     cells[league_key(eps)] = _cell(res["leagues"][league_key(eps)], {
