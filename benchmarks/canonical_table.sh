@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 trials=${1:-4}
 for task in country_capital company_ceo temporal stereoset pronoun_gender_bias verb_conjugation; do
-  methods="ft ft-conditional lora"
+  methods="ft ft-conditional lora ft+kl lora+kl"  # +kl: the regularised baselines (KL to the unedited model)
   [[ $task == country_capital || $task == company_ceo ]] && methods="$methods memit"  # a subject to locate
   for method in $methods; do
     benchmarks/canonical_search.sh "$task" "$method" "$trials"

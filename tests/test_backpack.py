@@ -183,9 +183,12 @@ def test_canonical_senses_run_trains_only_deltas_and_restores_the_model(bp, data
 
 def test_methods_for_each_kind_of_model(bp, tiny_model):
     llama = tiny_model("llama").model
-    assert cc.methods_for(llama, cc.METHODS)[0] == ["ft", "ft-conditional", "lora", "memit"]
+    runs, why = cc.methods_for(llama, cc.METHODS)
+    assert runs == ["ft", "ft-conditional", "lora", "memit", "ft+kl", "lora+kl"]
+    assert "Backpack" in why["senses"] and "Backpack" in why["senses+kl"]
     runs, why = cc.methods_for(bp.model, cc.METHODS)
-    assert runs == ["ft", "ft-conditional", "lora", "senses"] and "KV cache" in why["memit"]
+    assert runs == ["ft", "ft-conditional", "lora", "senses", "ft+kl", "lora+kl", "senses+kl"]
+    assert "KV cache" in why["memit"]
     assert cc.methods_for(EnsembleLM(llama, bp.model), cc.METHODS)[0] == ["senses"]
 
 

@@ -402,3 +402,73 @@ def test_cli_search_table_markdown_and_png(tiny, data_dir, tmp_path, tmp_cache, 
     cli.main()
     result = json.loads(single.read_text())
     assert result["method"] == "lora" and len(result["trace"]) == 2 and list(result["leagues"]) == ["1e-05"]
+
+
+# ---------------------------------------------------------------- regularised baselines (KL to the unedited model)
+
+def test_kl_to_reference_by_hand():
+    from lmedit.models.logprobs import kl_to_reference
+
+    torch.manual_seed(0)
+    ref, logp = (torch.randn(2, 3, 5).log_softmax(-1) for _ in range(2))
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    by_pos = [[sum(ref[b, t].exp()[v] * (ref[b, t, v] - logp[b, t, v]) for v in range(5)) for t in range(3)]
+              for b in range(2)]
+    real = [(b, t) for b in range(2) for t in range(3) if mask[b, t]]
+    per_token = sum(by_pos[b][t] for b, t in real) / len(real)
+    per_sequence = sum(by_pos[b][t] for b, t in real) / 2
+    assert float(kl_to_reference(ref, logp, mask)) == pytest.approx(float(per_token), rel=1e-6)
+    assert float(kl_to_reference(ref, logp, mask, per="sequence")) == pytest.approx(float(per_sequence), rel=1e-6)
+    assert float(kl_to_reference(ref, ref, mask)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kl_regularised_ft_degrades_general_text_less(tiny, data_dir, tmp_path):
+    """ft+kl is ft plus β·KL(p₀ ‖ p_θ) on general-text records the degradation measure never reads: with the same
+    step size it moves the general-text loss less than ft, and with β = 0 it is ft exactly."""
+    task = cc.load_split("country_capital", data_dir, SPLIT)
+    runner = _runner(tiny, tmp_path)
+    common = {"lr": "3e-2", "epochs": "3", "batch_size": "2", "modules": "all"}
+    snap = _snapshot(tiny.model)
+    plain = runner.run(task, "ft", cc.make_settings("ft", tiny.model, "tiny-llama", common))
+    held = runner.run(task, "ft+kl", cc.make_settings("ft+kl", tiny.model, "tiny-llama", {**common, "kl_weight": "5"}))
+    zero = runner.run(task, "ft+kl", cc.make_settings("ft+kl", tiny.model, "tiny-llama", {**common, "kl_weight": "0"}))
+    _assert_unchanged(tiny.model, snap)
+    assert held["method"] == "ft+kl" and held["config"]["kl_weight"] == 5.0
+    assert cc.make_settings("ft+kl", tiny.model, "tiny-llama").kl_weight == cc.DEFAULT_KL_WEIGHT
+    assert cc.make_settings("ft", tiny.model, "tiny-llama").kl_weight == 0.0
+    change = [abs(r["trace"][-1]["general_loss"] / r["unedited"]["general_loss"] - 1) for r in (plain, held)]
+    assert change[1] < 0.5 * change[0], change
+    assert [p["general_loss"] for p in zero["trace"]] == [p["general_loss"] for p in plain["trace"]]
+
+
+def test_kl_texts_follow_the_degradation_texts_and_bad_settings(tiny, data_dir, tmp_path, monkeypatch):
+    from lmedit.evaluate import canonical_train as ct
+
+    runner = _runner(tiny, tmp_path)  # n_docs = 4
+    seen = []
+    real = degradation.load_texts
+    monkeypatch.setattr(degradation, "load_texts", lambda path, n=None: seen.append(n) or real(path, n))
+    settings = cc.make_settings("ft+kl", tiny.model, "tiny-llama", {"kl_docs": "3", "batch_size": "2"})
+    term = ct._kl_regulariser(runner, settings)
+    assert seen == [4 + 3] and float(term()) == pytest.approx(0.0, abs=1e-6)  # p_θ = p₀ before training
+    for bad, phrase in (({"kl_weight": "-1"}, "kl_weight must be a finite number >= 0"),
+                        ({"kl_docs": "0"}, "kl_docs must be at least 1")):
+        with pytest.raises(InputError, match=phrase):
+            cc.check_settings(cc.make_settings("ft+kl", tiny.model, "tiny-llama", bad), tiny.model)
+    too_many = cc.make_settings("ft+kl", tiny.model, "tiny-llama", {"kl_docs": "100000"})
+    with pytest.raises(InputError, match="too few for kl_docs=100000"):
+        ct._kl_regulariser(runner, too_many)
+
+
+def test_search_samples_the_kl_weight_of_the_regularised_methods_only():
+    import optuna
+
+    space = se.SearchSpace()
+    for method, sampled in (("ft+kl", True), ("lora+kl", True), ("senses+kl", True), ("ft", False), ("lora", False)):
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        params = se.suggest(trial, method, space, {})
+        assert ("kl_weight" in params) == sampled, method
+        if sampled:
+            assert 0.1 <= params["kl_weight"] <= 1.0
+    assert cc.base_method("senses+kl") == "senses" and cc.base_method("memit") == "memit"
+    assert {"ft+kl", "lora+kl", "senses+kl"} <= set(cc.METHODS)

@@ -46,7 +46,7 @@ from lmedit.errors import EditFailure, InputError
 from lmedit.locate.batching import body, unembed
 from lmedit.locate.prompts import encode, with_target
 from lmedit.models.arch import arch_for, get_module
-from lmedit.models.logprobs import pad_id, token_logprobs
+from lmedit.models.logprobs import kl_to_reference, log_distributions, pad_id, token_logprobs
 from lmedit.patches import Delta, Patch, compose, fingerprint
 from lmedit.requests import EditRequest
 
@@ -102,10 +102,8 @@ def read_positions(batch: Batch) -> torch.Tensor:
 
 def _kl(model, ref: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Mean over real tokens of KL(p₀ ‖ p_θ), with p₀'s log-probabilities `ref` taken before training."""
-    logp = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   use_cache=False).logits.float(), dim=-1)
-    kl = (ref.exp() * (ref - logp)).sum(-1)  # (b, t)
-    return (kl * batch.attention_mask).sum() / batch.attention_mask.sum()
+    return kl_to_reference(ref, log_distributions(model, batch.input_ids, batch.attention_mask),
+                           batch.attention_mask)
 
 
 def _run_key(examples: list[Example], params: dict[str, nn.Parameter], config: TrainConfig, conditional: bool,
@@ -141,8 +139,7 @@ def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parame
         kl_ids = [encode(tokenizer, t) for t in config.kl_text]
         kl_batch = collate([(ids, ids, 0) for ids in kl_ids], False, pad, device)  # labels unused
         with torch.no_grad():
-            ref = torch.log_softmax(model(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask,
-                                          use_cache=False).logits.float(), dim=-1)
+            ref = log_distributions(model, kl_batch.input_ids, kl_batch.attention_mask)
     budget = Budget(model, tokenizer, config, params) if config.budget is not None else None
     norms0 = initial_norms(params)
     run = {"epoch_loss": [], "best": math.inf, "stale": 0,

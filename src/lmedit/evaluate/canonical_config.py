@@ -23,7 +23,16 @@ from lmedit.evaluate.canonical_scores import LossOptions
 # trained by this protocol only (its deltas act on the sense network's output, not on a stored parameter, so it
 # has no patch yet).
 SENSES = "senses"
-METHODS = tuple(n for n in editor_names() if get_editor(n).canonical) + (SENSES,)
+# The paper's regularised baselines: the same trainer with β·KL(p₀ ‖ p_θ) on general text (the reference's
+# regularize.KLRegularization), β searched log-uniformly in [0.1, 1] as in the reference sweeps.
+REGULARISED = {"ft+kl": "ft", "lora+kl": "lora", "senses+kl": SENSES}
+DEFAULT_KL_WEIGHT = 0.3  # the geometric middle of the reference sweep's 10^U(−1, 0)
+METHODS = tuple(n for n in editor_names() if get_editor(n).canonical) + (SENSES, *REGULARISED)
+
+
+def base_method(method: str) -> str:
+    """The trainer a method runs: "ft+kl" runs ft (with the KL term), every other method itself."""
+    return REGULARISED.get(method, method)
 SUBJECT_FIELDS = {"country_capital": "country", "company_ceo": "company"}  # memit: the field naming the subject
 ANSWER_FIELDS = {"country_capital": "capital", "company_ceo": "ceo"}  # and the one naming the answer
 HALVES = ("a", "b")
@@ -104,6 +113,9 @@ class TrainSettings:
     floor: float | None = None  # LossOptions: for lower="logp", no gradient below this summed log P
     balance: str = "abs"  # LossOptions (pronouns): "abs" (reference) or "square"
     margin: float | None = None  # LossOptions (verbs): None = unbounded −d (reference) or hinge at this margin
+    kl_weight: float = 0.0  # β of β·KL(p₀ ‖ p_θ) on general text, per step (0 = off; the +kl methods: 0.3)
+    kl_docs: int = 8  # general-text records after the protocol's n_docs (never the degradation measure's own)
+    kl_max_tokens: int = 128  # each cut to this many tokens
 
 
 @dataclass
@@ -144,17 +156,18 @@ def methods_for(model, methods) -> tuple[list[str], dict[str, str]]:
     if arch.model_type == ENSEMBLE:  # only the Backpack's senses are trained; the large model stays as it is
         why = {m: f"{m} cannot edit an ensemble (only senses can)" for m in METHODS if m != SENSES}
     else:
-        why = {SENSES: None if arch.model_type == MODEL_TYPE else f"senses needs a Backpack model, not "
-                                                                  f"{arch.model_type}"}
+        why = {m: None if arch.model_type == MODEL_TYPE else f"{m} needs a Backpack model, not {arch.model_type}"
+               for m in METHODS if base_method(m) == SENSES}
         why.update({m: f"{m} needs a model with a KV cache, which {arch.model_type} has not"
-                    for m in METHODS if m != SENSES and get_editor(m).needs_kv_cache and not arch.kv_cache})
+                    for m in METHODS if base_method(m) not in SETTINGS and get_editor(m).needs_kv_cache
+                    and not arch.kv_cache})
     cannot = {m: why[m] for m in methods if why.get(m)}
     return [m for m in methods if m not in cannot], cannot
 
 
 def needs_subject(method: str) -> bool:
     """A locate-then-edit method (registry capability `needs_subject`): it runs only on tasks naming a subject."""
-    return method != SENSES and get_editor(method).needs_subject
+    return base_method(method) not in SETTINGS and get_editor(method).needs_subject
 
 
 def memit_not_applicable(task: str, method: str = "memit") -> str:
@@ -180,19 +193,22 @@ def make_settings(method: str, model, model_name: str = "", overrides: dict[str,
 
     check_method(method)
     overrides = dict(overrides or {})
-    if method not in SETTINGS:  # not trained by this protocol: the registry editor's own config
+    if base_method(method) not in SETTINGS:  # not trained by this protocol: the registry editor's own config
         return make_config(method, model_name, model, overrides)
     if isinstance(overrides.get("modules"), str):
         overrides["modules"] = tuple(m.strip() for m in overrides["modules"].split(",") if m.strip())
-    settings = apply_overrides(SETTINGS[method](), overrides)
+    defaults = SETTINGS[base_method(method)]()
+    if method in REGULARISED:
+        defaults = dataclasses.replace(defaults, kl_weight=DEFAULT_KL_WEIGHT)
+    settings = apply_overrides(defaults, overrides)
     return dataclasses.replace(settings, floor=optional_float(settings.floor, "floor"),
                                margin=optional_float(settings.margin, "margin"))
 
 
 def _setting_names(method: str) -> set[str]:
-    if method not in SETTINGS:
+    if base_method(method) not in SETTINGS:
         return {f.name for f in dataclasses.fields(get_editor(method).config_cls)}
-    return {f.name for f in dataclasses.fields(SETTINGS[method])}
+    return {f.name for f in dataclasses.fields(SETTINGS[base_method(method)])}
 
 
 def overrides_for(method: str, overrides: dict[str, Any] | None, strict: bool = True) -> dict[str, Any]:
@@ -235,6 +251,11 @@ def check_settings(settings: TrainSettings, model) -> tuple[LossOptions, tuple[i
         raise InputError(f"LoRA needs rank >= 1 and alpha > 0, got rank={settings.rank}, alpha={settings.alpha}")
     if isinstance(settings, FtSettings) and not settings.prefix_weight >= 0:
         raise InputError(f"prefix_weight must be >= 0, got {settings.prefix_weight}")
+    if not (isinstance(settings.kl_weight, (int, float)) and math.isfinite(settings.kl_weight)
+            and settings.kl_weight >= 0):
+        raise InputError(f"kl_weight must be a finite number >= 0, got {settings.kl_weight}")
+    if settings.kl_docs < 1 or settings.kl_max_tokens < 2:
+        raise InputError("kl_docs must be at least 1 and kl_max_tokens at least 2")
     options = LossOptions(settings.normalize, settings.lower, settings.floor, settings.balance, settings.margin)
     if isinstance(settings, SenseSettings):  # trains sense deltas only: modules and layers do not apply
         from lmedit.backpack.senses import check_backpack

@@ -48,7 +48,7 @@ from lmedit.errors import EditFailure, InputError
 from lmedit.evaluate import degradation
 from lmedit.evaluate.canonical import CanonicalTask
 from lmedit.evaluate.canonical_train import TRAINERS, Diverged, edit_trace, memit_requests  # noqa: F401  (API)
-from lmedit.evaluate.canonical_config import SETTINGS, check_method, check_settings, make_settings
+from lmedit.evaluate.canonical_config import SETTINGS, base_method, check_method, check_settings, make_settings
 from lmedit.evaluate.degradation import DEFAULT_MAX_TOKENS, DEFAULT_N_DOCS, BaselineCache
 from lmedit.evaluate.leagues import DEFAULT_RULE, LEAGUES, RULES, admissible, check_epsilon, check_rule, league_score
 
@@ -157,7 +157,7 @@ class Runner:
 def _check_type(method: str, settings) -> None:
     from lmedit.locate.core import LocateConfig
 
-    want = SETTINGS.get(method, LocateConfig)
+    want = SETTINGS.get(base_method(method), LocateConfig)
     if not isinstance(settings, want):
         raise InputError(f"{method} takes a {want.__name__}, got {type(settings).__name__}")
 
@@ -212,10 +212,10 @@ def run_canonical(runner: Runner, task: CanonicalTask, method: str, settings=Non
     diverged = None
     t0 = time.perf_counter()
     _check_type(method, settings)
-    if method in TRAINERS:
+    if base_method(method) in TRAINERS:
         options, layers = check_settings(settings, model)
         try:
-            trace = TRAINERS[method](runner, task, settings, options, layers, before, announce, keep)
+            trace = TRAINERS[base_method(method)](runner, task, settings, options, layers, before, announce, keep)
         except Diverged as e:
             if on_diverge == "raise":
                 raise EditFailure(f"{task.name} {method}: {e.message}; lower lr; the model is unchanged") from None

@@ -39,6 +39,40 @@ def _prefix_nll(model, tokenizer, prefixes: list[str]) -> torch.Tensor:
     return -predicted.logprobs.mean()
 
 
+def _kl_regulariser(runner, settings: TrainSettings):
+    """KL(p₀ ‖ p_θ) on one general-text batch drawn at random per step (the reference's KLRegularization: summed
+    over each sequence's tokens, averaged over the batch), as a function of no arguments.
+
+    The texts are the `kl_docs` general-text records after the protocol's first n_docs, so training never sees
+    the texts the degradation budget is measured on; p₀ is computed once, before any weight moves (a LoRA
+    adapter or a sense delta starts at zero, so the model is then the unedited one). A generator of its own
+    (seed + 1) draws the batches: with kl_weight = 0 nothing else changes."""
+    from lmedit.evaluate.degradation import load_texts
+    from lmedit.locate.prompts import encode
+    from lmedit.models.forward import inference, right_pad
+    from lmedit.models.logprobs import kl_to_reference, log_distributions, pad_id
+
+    model, tokenizer, protocol = runner.model, runner.tokenizer, runner.protocol
+    texts = load_texts(protocol.general_path, protocol.n_docs + settings.kl_docs)[protocol.n_docs:]
+    if len(texts) < settings.kl_docs:
+        raise InputError(f"{protocol.general_path} has {protocol.n_docs + len(texts)} records: too few for "
+                         f"kl_docs={settings.kl_docs} beyond the {protocol.n_docs} the degradation measure reads")
+    rows = [ids for ids in (encode(tokenizer, t)[:settings.kl_max_tokens] for t in texts) if len(ids) >= 2]
+    device = next(model.parameters()).device
+    batches = [right_pad(rows[lo:lo + settings.batch_size], pad_id(tokenizer), device)
+               for lo in range(0, len(rows), settings.batch_size)]
+    with inference(model):
+        refs = [log_distributions(model, ids, mask) for ids, mask in batches]
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+
+    def term() -> torch.Tensor:
+        k = int(torch.randint(len(batches), (1,), generator=generator))
+        ids, mask = batches[k]
+        return kl_to_reference(refs[k], log_distributions(model, ids, mask), mask, per="sequence")
+
+    return term
+
+
 def _train_epochs(runner, task: CanonicalTask, params: dict[str, torch.nn.Parameter], settings: TrainSettings,
                   options: LossOptions, prefix_weight: float, before: dict, announce,
                   keep: dict | None = None) -> list[dict]:
@@ -53,11 +87,15 @@ def _train_epochs(runner, task: CanonicalTask, params: dict[str, torch.nn.Parame
     trace, widest = [], max(runner.protocol.leagues)
     run = {"stale": 0, "t0": time.perf_counter()}
 
+    kl = _kl_regulariser(runner, settings) if settings.kl_weight > 0 else None
+
     def batch_loss(idx: list[int]) -> torch.Tensor:
         batch = [examples[i] for i in idx]
         loss = training_loss(model, tokenizer, task.spec, batch, options)
         if prefix_weight:
             loss = loss + prefix_weight * _prefix_nll(model, tokenizer, [ex.prefix for ex in batch])
+        if kl is not None:
+            loss = loss + settings.kl_weight * kl()
         return loss
 
     def after_epoch(epoch: int, loss: float) -> str | None:

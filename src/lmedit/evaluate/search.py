@@ -36,8 +36,8 @@ from typing import Callable, Sequence
 
 from lmedit.errors import EditFailure, InputError
 from lmedit.evaluate.canonical import CanonicalTask
-from lmedit.evaluate.canonical_config import (SUBJECT_FIELDS, check_method, check_overrides, make_settings,
-                                              memit_not_applicable, needs_subject, overrides_for,
+from lmedit.evaluate.canonical_config import (REGULARISED, SUBJECT_FIELDS, base_method, check_method, check_overrides,
+                                              make_settings, memit_not_applicable, needs_subject, overrides_for,
                                               task_digest)
 from lmedit.evaluate.canonical_report import TIME_FIELDS, add_breakdowns
 from lmedit.evaluate.canonical_run import Runner, league_key, league_table, run_canonical
@@ -58,6 +58,7 @@ class SearchSpace:
     sense_lambda: tuple[float, float] = (1e2, 10 ** 3.5)
     memit_mom2_weight: tuple[float, float] = (1.0, 1e6)
     memit_clamp: tuple[float, float] = (0.05, 4.0)
+    kl_weight: tuple[float, float] = (0.1, 1.0)  # the +kl methods' β (the reference sweep's 10^U(−1, 0))
 
     def __post_init__(self):
         if isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, int) or self.max_epochs < 1:
@@ -71,6 +72,9 @@ def suggest(trial, method: str, space: SearchSpace, fixed: dict) -> dict:
     def want(name):
         return name not in fixed
 
+    regularised, method = method in REGULARISED, base_method(method)
+    if regularised and want("kl_weight"):
+        out["kl_weight"] = trial.suggest_float("kl_weight", *space.kl_weight, log=True)
     if method in ("ft", "ft-conditional", "lora", "senses"):
         lo, hi = {"lora": space.lora_lr, "senses": space.sense_lr}.get(method, space.ft_lr)
         if want("lr"):

@@ -77,6 +77,25 @@ def predicted_logprobs(model: nn.Module, inputs: Sequence[Sequence[int]], first:
     return Predicted(hidden_logprobs(model, h, tsel, chunk), rsel, tsel)
 
 
+# ---------------------------------------------------------------- distributions and KL to the unedited model
+
+def log_distributions(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(b, t, vocab) float32 log-probabilities of the next token at every position of right-padded `ids`."""
+    return torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), dim=-1)
+
+
+def kl_to_reference(ref: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor,
+                    per: str = "token") -> torch.Tensor:
+    """KL(p₀ ‖ p_θ) = Σ_v p₀ (log p₀ − log p_θ) at every real position, with p₀'s log-probabilities `ref` taken
+    before training. per="token": the mean over real positions (the fine-tuning editors); per="sequence": summed
+    over each sequence's real positions, then the mean over sequences (the canonical-examples reference code's
+    `kl_div(..., reduction="batchmean")`, which lmedit restricts to real positions)."""
+    kl = (ref.exp() * (ref - logp)).sum(-1) * mask  # (b, t)
+    if per == "token":
+        return kl.sum() / mask.sum()
+    return kl.sum() / kl.shape[0]
+
+
 # ---------------------------------------------------------------- per-token loss of texts
 
 def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], max_tokens: int | None = DEFAULT_MAX_TOKENS,
