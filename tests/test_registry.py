@@ -45,3 +45,10 @@ def test_capabilities_of_the_builtin_editors():
     assert by["needs_subject"] == {"rome", "memit", "emmet", "alphaedit"}
     assert by["checkpoints"] == {"ft", "ft-conditional", "lora"}
     assert by["canonical"] == {"ft", "ft-conditional", "lora", "memit"}
+
+
+def test_the_canonical_help_lists_the_canonical_methods():
+    from lmedit.cli.canonical import CANONICAL_METHODS
+    from lmedit.evaluate import canonical_config as cc
+
+    assert CANONICAL_METHODS == cc.METHODS

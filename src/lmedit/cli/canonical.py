@@ -31,6 +31,11 @@ def _leagues(text: Optional[str]) -> list[float]:
     return [check_epsilon(p) for p in parts]
 
 
+# The canonical-examples methods, known without importing torch (the help is built at start-up); a test checks
+# this against evaluate.canonical_config.METHODS, which the registry's capabilities make.
+CANONICAL_METHODS = ("ft", "ft-conditional", "lora", "memit", "senses", "ft+kl", "lora+kl", "senses+kl")
+
+
 def _splits(split: str, select_split: Optional[str], trials: int) -> tuple[Optional[str], str]:
     """(selection split, report split)."""
     from lmedit.evaluate.canonical_config import parse_split
@@ -63,8 +68,8 @@ def eval_canonical(
         select_split: Optional[str] = typer.Option(None, "--select-split", help="split the search selects on "
                                                    "(default: see --split), e.g. val when reporting on test"),
         method: Optional[str] = typer.Option(
-            None, "--method", help="ft | ft-conditional | lora | memit | senses (Backpack), or a comma list "
-                                   "(default with --all: every method the model can run)"),
+            None, "--method", help=" | ".join(CANONICAL_METHODS) + " (senses: Backpack; +kl: KL-regularised), or a "
+                                   "comma list (default with --all: every method the model can run)"),
         league: Optional[str] = typer.Option(None, "--league", help="ε of the league, e.g. 1e-5, or a comma list "
                                              "(default: 1e-3,1e-4,1e-5)"),
         out: Path = typer.Option(..., "--out", "-o", help="result JSON (with --all also OUT.md and OUT.png)"),
