@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lmedit.degradation_budget import loss_within
 from lmedit.patches import fingerprint
 
 if TYPE_CHECKING:
@@ -17,7 +18,8 @@ _LOSS_BEFORE: dict[tuple, float] = {}  # (hash of every weight, corpus, docs, to
 
 
 class Budget:
-    """The degradation budget (DESIGN §5, §8): per-token loss on general text may rise by at most a factor 1 + ε.
+    """The degradation budget (DESIGN §5, §8; the rule is lmedit.degradation_budget's): per-token loss on general
+    text may rise by at most a factor 1 + ε.
     Measured before training and after every epoch; the weights of the last epoch within it are kept."""
 
     def __init__(self, model, tokenizer, config: TrainConfig, params: dict[str, nn.Parameter]):
@@ -47,7 +49,7 @@ class Budget:
     def within_after_epoch(self) -> bool:
         """Measure; keep these weights if within budget, else put back the last kept ones."""
         self.losses.append(self.measure())
-        if self.losses[-1] <= self.limit:
+        if loss_within(self.losses[-1], self.losses[0], self.config.budget, strict=False):
             self.kept = self.snapshot()
             return True
         with torch.no_grad():

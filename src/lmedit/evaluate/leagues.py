@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from lmedit.degradation_budget import check_epsilon, loss_within
 from lmedit.errors import InputError
 
 LEAGUES: tuple[float, ...] = (1e-3, 1e-4, 1e-5)
@@ -34,19 +35,6 @@ def check_rule(rule) -> str:
     if rule not in RULES:
         raise InputError(f"unknown admissibility rule {rule!r}; choose one of: {', '.join(RULES)}")
     return rule
-
-
-def check_epsilon(epsilon) -> float:
-    """A league's ε as a float: a positive, finite number (a numeric string such as "1e-5" is accepted)."""
-    value = epsilon
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise InputError(f"league must be a positive number such as 1e-5, got {epsilon!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise InputError(f"league must be a positive number such as 1e-5, got {epsilon!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -76,8 +64,8 @@ def _check_before(before: Mapping) -> dict[str, float]:
 
 def _within(vals: Mapping[str, float], b: Mapping[str, float], eps: float, rule: str) -> bool:
     if rule == "general":
-        return vals["general_loss"] < (1 + eps) * b["general_loss"]
-    return all(vals[k] <= (1 + eps) * b[k] for k in ("general_loss", "targeted_loss"))
+        return loss_within(vals["general_loss"], b["general_loss"], eps, strict=True)
+    return all(loss_within(vals[k], b[k], eps, strict=False) for k in ("general_loss", "targeted_loss"))
 
 
 def admissible(point: Mapping, before: Mapping, epsilon, rule: str = DEFAULT_RULE) -> bool:
