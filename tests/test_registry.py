@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmedit.editors import EDITORS, editor_names, get_editor
+from lmedit.editors import EDITORS, editor_names
 from lmedit.editors.registry import Editor
 
 
