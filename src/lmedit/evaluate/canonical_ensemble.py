@@ -20,7 +20,7 @@ import torch
 
 from lmedit.errors import InputError
 from lmedit.evaluate.canonical_run import _jsonable, league_key, run_canonical
-from lmedit.evaluate.leagues import RULES, admissible
+from lmedit.evaluate.leagues import admissible
 
 W_STEPS: tuple[float, ...] = tuple(round(1.0 - 0.1 * i, 1) for i in range(10))  # 1.0, 0.9, …, 0.1 (then w = 0)
 
@@ -43,7 +43,6 @@ def run_ensemble(small, big, task, settings, announce: Callable[[str], None] | N
     the large model and that same Backpack, under the same protocol. Both models come back unchanged."""
     from lmedit.backpack import senses as se
     from lmedit.backpack.ensemble import EnsembleLM
-    from lmedit.evaluate import degradation
 
     ensemble = big.model
     if not isinstance(ensemble, EnsembleLM) or ensemble.backpack_lm is not small.model:
@@ -66,10 +65,7 @@ def run_ensemble(small, big, task, settings, announce: Callable[[str], None] | N
 
                 def evaluate_at(w: float) -> dict:
                     ensemble.w = w
-                    return degradation.evaluate_point(
-                        ensemble, big.tokenizer, task, big.general_texts, max_tokens=protocol.max_tokens,
-                        targeted_max_tokens=protocol.targeted_max_tokens, batch_size=protocol.eval_batch_size,
-                        within=lambda p: admissible(p, before, eps, protocol.admissible))
+                    return big.evaluate(task, before, eps)
 
                 try:
                     w, point, tried = weight_schedule(evaluate_at, before, eps, protocol.admissible)
@@ -94,8 +90,7 @@ def run_ensemble(small, big, task, settings, announce: Callable[[str], None] | N
                              "1.0 in steps of 0.1 until the large model's loss is admissible (w = 0: the large "
                              "model alone)"},
         "config": backpack["config"], "kind": task.kind, "rule": task.spec.rule, "n": backpack["n"],
-        "protocol": {**backpack["protocol"], "admissible_rule": protocol.admissible,
-                     "admissible": RULES[protocol.admissible]},
+        "protocol": backpack["protocol"],  # the Backpack's run is under the same protocol (checked above)
         "unedited": before, "unedited_from_cache": from_cache, "backpack_run": backpack, "trace": backpack["trace"],
         "leagues": leagues, "diverged": backpack["diverged"],
         "timing": {"run_seconds": time.perf_counter() - t0,

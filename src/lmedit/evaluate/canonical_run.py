@@ -136,12 +136,13 @@ class Runner:
             return self._unedited[key]
         return self._unedited[key][0], True
 
-    def evaluate(self, task: CanonicalTask, before: dict | None = None) -> dict:
-        """One evaluation point. Given the unedited point `before`, an epoch whose losses are beyond the widest
-        league is not scored further (success rate and hard negatives None): no league can choose it."""
+    def evaluate(self, task: CanonicalTask, before: dict | None = None, epsilon: float | None = None) -> dict:
+        """One evaluation point. Given the unedited point `before`, a point whose losses are beyond league
+        `epsilon` (default: the widest) is not scored further (success rate and hard negatives None): no league
+        it is meant for can choose it."""
         p = self.protocol
-        widest = max(p.leagues)
-        within = None if before is None else (lambda point: admissible(point, before, widest, p.admissible))
+        eps = max(p.leagues) if epsilon is None else epsilon
+        within = None if before is None else (lambda point: admissible(point, before, eps, p.admissible))
 
         return degradation.evaluate_point(self.model, self.tokenizer, task, self.general_texts,
                                           max_tokens=p.max_tokens, targeted_max_tokens=p.targeted_max_tokens,

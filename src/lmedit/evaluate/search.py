@@ -311,8 +311,9 @@ def canonical_table(runner: Runner, select: dict[str, CanonicalTask] | None, rep
                     space: SearchSpace = SearchSpace(), seeds: int = REPORT_SEEDS,
                     announce: Callable[[str], None] | None = None) -> dict:
     """Methods × tasks × leagues. With n_trials > 0: a study per cell on `select[task]`, its best configuration
-    reported on `report[task]` (mean ± s.e. over `seeds` seeds); with n_trials = 0: one run per (task, method) with the fixed settings, scored
-    in every league. memit on a task without a subject is a cell {"skipped": reason}."""
+    reported on `report[task]` (mean ± s.e. over `seeds` seeds); with n_trials = 0: one run per (task, method)
+    with the fixed settings, scored in every league. memit on a task without a subject is a cell
+    {"skipped": reason}."""
     say = announce or (lambda *_: None)
     leagues = [check_epsilon(e) for e in leagues]
     check_overrides(methods, fixed)
