@@ -121,16 +121,18 @@ def test_zero_sense_edits_change_nothing_and_an_edit_only_reaches_its_token(bp, 
     with_paris, without = _ids(tokenizer, "I love Paris in spring"), _ids(tokenizer, "I love Rome in spring")
     with torch.no_grad():
         base = [m(x).logits for x in (with_paris, without)]
-        m.backpack.sense_edits = SenseEdits([paris], [2], m.config.n_embd)
+        edits = SenseEdits([paris], [2], m.config.n_embd)
+        previous = m.backpack.attach_sense_edits(edits)
         try:
             assert all(torch.equal(m(x).logits, b) for x, b in zip((with_paris, without), base))  # Δ = 0
-            m.backpack.sense_edits.vectors.normal_()
+            edits.vectors.normal_()
             assert torch.equal(m(without).logits, base[1])  # no Paris, no change
             moved = (m(with_paris).logits - base[0]).abs().amax(-1)[0]
             at = with_paris[0].tolist().index(paris)
             assert float(moved[:at].max()) == 0.0 and float(moved[at:].min()) > 0  # from Paris onwards only
         finally:
-            m.backpack.sense_edits = None
+            m.backpack.restore_sense_edits(previous)
+    assert len(m.backpack.sense_edits) == 0
 
 
 def test_sense_selection_scores(bp, tokenizer, tiny_model):
@@ -171,7 +173,7 @@ def test_canonical_senses_run_trains_only_deltas_and_restores_the_model(bp, data
     snap = _snapshot(bp.model)
     result = runner.run(task, "senses", settings)
     _assert_unchanged(bp.model, snap)
-    assert bp.model.backpack.sense_edits is None
+    assert len(bp.model.backpack.sense_edits) == 0
     trace = result["trace"]
     assert [p["epoch"] for p in trace] == [1, 2, 3]
     assert trace[0]["senses"]["n"] >= 8  # 4 examples x 8 senses, overlapping
@@ -199,15 +201,16 @@ def test_ensemble_is_the_big_model_until_the_backpack_is_edited(bp, tiny_model, 
     with torch.no_grad():
         assert torch.equal(ens(ids).logits, big(ids).logits.float())
         original = bp.model(ids).logits.log_softmax(-1)
-        bp.model.backpack.sense_edits = SenseEdits([ids[0, 2].item()], [1], bp.model.config.n_embd)
+        edits = SenseEdits([ids[0, 2].item()], [1], bp.model.config.n_embd)
+        previous = bp.model.backpack.attach_sense_edits(edits)
         try:
-            bp.model.backpack.sense_edits.vectors.normal_()
+            edits.vectors.normal_()
             edited = bp.model(ids).logits.log_softmax(-1)
             want = big(ids).logits + 0.5 * (edited - original)
             assert torch.allclose(ens(ids).logits, want, atol=1e-5)
             assert not torch.allclose(ens(ids).logits, big(ids).logits, atol=1e-3)
         finally:
-            bp.model.backpack.sense_edits = None
+            bp.model.backpack.restore_sense_edits(previous)
     small_vocab = tiny_model("backpack-gpt2", vocab_size=1000).model
     with pytest.raises(InputError, match="vocabulary"):
         EnsembleLM(big, small_vocab)

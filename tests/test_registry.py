@@ -39,12 +39,14 @@ def test_edit_passes_only_what_the_editor_takes(tmp_path):
 def test_capabilities_of_the_builtin_editors():
     names = editor_names()
     by = {flag: {n for n in names if getattr(EDITORS[n], flag)} for flag in
-          ("carries_state", "reuses_values", "checkpoints", "needs_subject", "needs_kv_cache", "canonical")}
+          ("carries_state", "reuses_values", "checkpoints", "needs_subject", "needs_kv_cache", "canonical",
+           "backpack_only")}
     assert by["carries_state"] == {"alphaedit", "ultraedit"}
     assert by["reuses_values"] == by["needs_kv_cache"] == {"rome", "memit", "emmet", "alphaedit"}
     assert by["needs_subject"] == {"rome", "memit", "emmet", "alphaedit"}
-    assert by["checkpoints"] == {"ft", "ft-conditional", "lora"}
-    assert by["canonical"] == {"ft", "ft-conditional", "lora", "memit"}
+    assert by["checkpoints"] == {"ft", "ft-conditional", "lora", "senses"}
+    assert by["canonical"] == {"ft", "ft-conditional", "lora", "memit", "senses"}
+    assert by["backpack_only"] == {"senses"}
 
 
 def test_the_canonical_help_lists_the_canonical_methods():

@@ -25,7 +25,7 @@ LAYERS = {  # higher imports lower, never the reverse
     "stats": 2,
     "models": 1,
     "errors": 0, "fileio": 0, "settings": 0, "patches": 0, "patch_integrity": 0, "requests": 0, "checkpoints": 0, "carried": 0,
-    "degradation_budget": 0,
+    "degradation_budget": 0, "deltas": 0,
     "__init__": 0,
 }
 MAX_LINES = 400

@@ -1,9 +1,11 @@
-"""An edit as data: per-parameter weight changes that can be saved, checked, applied, reverted and composed.
+"""An edit as data: per-parameter weight changes (and a Backpack's sense deltas) that can be saved, checked,
+applied, reverted and composed.
 
 Editors return a `Patch` and leave the model as they found it (ROME's `execute_rome`, PEFT's merge/unmerge);
 applying is a separate, explicit step. Revert restores saved copies of the touched tensors rather than
 subtracting ΔW again, because W + ΔW - ΔW is not W in floating point. DESIGN.md §7. On disk: a directory of
-`patch.safetensors` ("<param>::dense" or "::left"/"::right") and `patch.json`; nothing is ever unpickled.
+`patch.safetensors` ("<param>::dense" or "::left"/"::right"; a sense entry "<module>::sense_tokens",
+"::sense_senses", "::sense_vectors") and `patch.json`; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmedit import __version__
+from lmedit.deltas import _PARTS, Delta, SenseDelta, sum_deltas
 from lmedit.errors import EditFailure, InputError, LmeditError
 from lmedit.fileio import AtomicDirectory, atomic_write_json, current_umask, read_json
 from lmedit.patch_integrity import INTEGRITY_KEY, check_finite, check_plausible, seal, verify
@@ -28,93 +31,8 @@ from lmedit.patch_integrity import INTEGRITY_KEY, check_finite, check_plausible,
 FORMAT = "lmedit-patch/1"
 TENSORS_FILE = "patch.safetensors"
 META_FILE = "patch.json"
-_RESERVED_META = ("format", "deltas", INTEGRITY_KEY)  # keys patch.json uses for itself
-_HALF = (torch.float16, torch.bfloat16)
-_PARTS = {"dense": ("dense",), "lowrank": ("left", "right")}  # stored tensors per kind
-
-
-@dataclass
-class Delta:
-    """Change to one parameter, in the parameter's own storage layout (so apply is W += ΔW).
-
-    Dense (`dense` set) or low-rank ΔW = left @ right (left: (rows, r), right: (r, cols)). Storage layout
-    means e.g. GPT-2's Conv1D weights, stored (in, out), get a (in, out) delta: nothing is transposed here.
-    """
-
-    dense: torch.Tensor | None = None
-    left: torch.Tensor | None = None
-    right: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.dense is not None:
-            if self.left is not None or self.right is not None:
-                raise ValueError("a Delta is either dense or low-rank (left @ right), not both")
-        elif self.left is None or self.right is None:
-            raise ValueError("a Delta needs `dense`, or both `left` and `right`")
-        elif self.left.dim() != 2 or self.right.dim() != 2 or self.left.shape[1] != self.right.shape[0]:
-            raise ValueError(
-                f"low-rank factors must be (rows, r) and (r, cols); got {tuple(self.left.shape)} "
-                f"and {tuple(self.right.shape)}"
-            )
-
-    @property
-    def kind(self) -> str:
-        return "dense" if self.dense is not None else "lowrank"
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        if self.dense is not None:
-            return tuple(self.dense.shape)
-        return (self.left.shape[0], self.right.shape[1])
-
-    @property
-    def rank(self) -> int | None:
-        """Inner dimension of the factors; None for a dense delta (it is not factored)."""
-        return None if self.dense is not None else self.left.shape[1]
-
-    def parts(self) -> dict[str, torch.Tensor]:
-        """The stored tensors by role: {"dense": ...} or {"left": ..., "right": ...}."""
-        return {part: getattr(self, part) for part in _PARTS[self.kind]}
-
-    @property
-    def numel(self) -> int:
-        """Numbers stored: what the patch costs on disk, not how many weights it touches."""
-        return sum(t.numel() for t in self.parts().values())
-
-    def full(self, device: torch.device | None = None) -> torch.Tensor:
-        """ΔW materialised (on `device` if given). Dense: as stored. Low-rank: the product in the factors'
-        dtype, or float32 for half-precision factors, whose matmul would round each sum of r products."""
-        if self.dense is not None:
-            return self.dense if device is None else self.dense.to(device)
-        left, right = self.left, self.right
-        if device is not None:
-            left, right = left.to(device), right.to(device)
-        dtype = torch.promote_types(left.dtype, right.dtype)
-        dtype = torch.float32 if dtype in _HALF else dtype
-        return left.to(dtype) @ right.to(dtype)
-
-    def norm(self) -> float:
-        """Frobenius norm. Low-rank uses ‖LR‖² = Σ (LᵀL) ⊙ (RRᵀ): (r, r) work, no (rows, cols) matrix."""
-        if self.dense is not None:
-            return float(torch.linalg.vector_norm(self.dense.double()))
-        left, right = self.left.double(), self.right.double()
-        return float(((left.T @ left) * (right @ right.T)).sum().clamp_min(0).sqrt())
-
-    @staticmethod
-    def from_matrix(dW: torch.Tensor, max_rank: int | None = None) -> Delta:
-        """Wrap a computed ΔW, dense by default. Editors that have factors (ROME's u vᵀ) build
-        Delta(left=, right=) directly. With `max_rank`, an SVD checks whether ΔW is, to its dtype's precision
-        (σ < σ₁·max(rows, cols)·eps counts as zero, as in matrix_rank), of rank 1 <= r <= max_rank, and
-        stores (U_r S_r, V_rᵀ) only then and only when that is smaller than the dense matrix."""
-        dW = dW.detach()
-        if max_rank is None or dW.dim() != 2 or not dW.is_floating_point() or dW.numel() == 0:
-            return Delta(dense=dW)
-        rows, cols = dW.shape
-        U, S, Vh = torch.linalg.svd(dW.double(), full_matrices=False)  # S descending
-        r = int((S > S[0] * max(rows, cols) * torch.finfo(dW.dtype).eps).sum())
-        if not 1 <= r <= max_rank or r * (rows + cols) >= rows * cols:
-            return Delta(dense=dW)
-        return Delta(left=(U[:, :r] * S[:r]).to(dW.dtype), right=Vh[:r].to(dW.dtype).contiguous())
+_RESERVED_META = ("format", "deltas", "senses", INTEGRITY_KEY)  # keys patch.json uses for itself
+__all__ = ["Delta", "SenseDelta", "Patch", "AppliedPatch", "compose", "fingerprint"]
 
 
 def _resolve(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Parameter]:
@@ -147,9 +65,11 @@ class AppliedPatch:
     """A patch in a model, holding exact copies of the tensors it changed so revert is bit-exact.
     Also a context manager: `with patch.apply(model): ...` reverts on exit, even on error."""
 
-    def __init__(self, params: dict[str, nn.Parameter], originals: dict[str, torch.Tensor]):
+    def __init__(self, params: dict[str, nn.Parameter], originals: dict[str, torch.Tensor], sense_owner=None,
+                 sense_edits_before: list | None = None):
         self._params = params
         self._originals: dict[str, torch.Tensor] | None = originals
+        self._sense_owner, self._sense_edits_before = sense_owner, sense_edits_before  # a sense entry's module
 
     @property
     def active(self) -> bool:
@@ -162,6 +82,8 @@ class AppliedPatch:
         with torch.no_grad():
             for name, original in self._originals.items():
                 self._params[name].copy_(original)
+        if self._sense_owner is not None:
+            self._sense_owner.restore_sense_edits(self._sense_edits_before)
         self._originals = None
 
     def __enter__(self) -> AppliedPatch:
@@ -180,36 +102,59 @@ class Patch:
 
     deltas: dict[str, Delta]
     meta: dict = field(default_factory=dict)
+    senses: SenseDelta | None = None  # a Backpack's sense deltas (sense fine-tuning), beside or instead of weights
 
     @classmethod
     def build(cls, model: nn.Module, deltas: dict[str, Delta], *, method: str, config: dict | None = None,
               requests: list[dict] | None = None, metrics: dict | None = None,
-              model_name: str | None = None) -> Patch:
+              model_name: str | None = None, senses: SenseDelta | None = None) -> Patch:
         """What an editor returns: the deltas plus metadata, fingerprinting the base it was computed on.
         A non-finite delta is an EditFailure here, where it was made, not a surprise when it is applied."""
-        for name, delta in deltas.items():
+        for name, parts in [*((n, d.parts()) for n, d in deltas.items()),
+                            *([(f"{senses.module} senses", senses.parts())] if senses is not None else [])]:
             try:
-                check_finite(name, delta.parts(), method)
+                check_finite(name, parts, method)
             except InputError as e:
                 raise EditFailure(f"{e}; the edit diverged: try a smaller learning rate") from None
         meta = {"method": method, "model": model_name, "config": dict(config or {}),
-                "requests": list(requests or []), "metrics": dict(metrics or {}),
-                "base_fingerprint": fingerprint(model, deltas), "lmedit_version": __version__}
-        return cls(dict(deltas), meta)
+                "requests": list(requests or []), "metrics": dict(metrics or {}), "lmedit_version": __version__}
+        patch = cls(dict(deltas), meta, senses)
+        meta.update(patch.base_identity(model))
+        return patch
+
+    def base_identity(self, model: nn.Module) -> dict:
+        """The meta entries that tie the patch to its base: the fingerprint of the tensors it reads or changes (for
+        sense deltas: what the sense vectors are computed from), and those names when they are not the deltas'."""
+        names = list(self.deltas)
+        if self.senses is not None:
+            owner = _sense_owner(model, self.senses.module)
+            names += [f"{self.senses.module}.{n}" for n in owner.sense_inputs()]
+        out = {"base_fingerprint": fingerprint(model, names)}
+        if names != list(self.deltas):
+            out["fingerprint_names"] = names
+        return out
 
     @property
     def num_params(self) -> int:
         """Numbers stored in the patch (a rank-1 edit of a 576x1536 matrix stores 2112)."""
-        return sum(d.numel for d in self.deltas.values())
+        return sum(d.numel for d in self.deltas.values()) + (self.senses.numel if self.senses is not None else 0)
 
     def norms(self) -> dict[str, float]:
-        return {name: d.norm() for name, d in self.deltas.items()}
+        out = {name: d.norm() for name, d in self.deltas.items()}
+        if self.senses is not None:
+            out[f"{self.senses.module}::senses"] = self.senses.norm()
+        return out
 
     def summary(self) -> str:
-        """One line per delta: name, kind, shape, rank, Frobenius norm."""
+        """One line per delta: name, kind, shape, rank, Frobenius norm (and one for the sense deltas)."""
         rank = {name: "full" if d.rank is None else d.rank for name, d in self.deltas.items()}
-        return "\n".join(f"{name}  {d.kind}  {'x'.join(map(str, d.shape))}  rank={rank[name]}  |dW|_F={d.norm():.4g}"
-                         for name, d in self.deltas.items())
+        lines = [f"{name}  {d.kind}  {'x'.join(map(str, d.shape))}  rank={rank[name]}  |dW|_F={d.norm():.4g}"
+                 for name, d in self.deltas.items()]
+        if self.senses is not None:
+            sd = self.senses
+            lines.append(f"{sd.module}  senses  {sd.n} (token, sense) pairs x {sd.vectors.shape[1]}  "
+                         f"|Δ|_F={sd.norm():.4g}")
+        return "\n".join(lines)
 
     def check_base(self, model: nn.Module) -> None:
         """Refuse a model whose touched tensors differ from those the patch was made on."""
@@ -236,12 +181,20 @@ class Patch:
                     if shape == delta.shape[::-1] else ""
                 raise InputError(f"delta for {name} has shape {delta.shape} but the parameter is {shape}{hint}")
             check_plausible(name, delta.norm(), params[name], force)
+        owner = _sense_owner(model, self.senses.module) if self.senses is not None else None
         self.check_base(model)
         applied = AppliedPatch(params, {name: params[name].detach().clone() for name in self.deltas})
         try:
             with torch.no_grad():
                 for name, delta in self.deltas.items():  # device and dtype from the parameter, never a literal
                     params[name].add_(delta.full(device=params[name].device).to(dtype=params[name].dtype))
+                if owner is not None:
+                    sd = self.senses
+                    try:
+                        before = owner.attach_sense_vectors(sd.tokens, sd.senses, sd.vectors)
+                    except ValueError as e:
+                        raise InputError(f"the patch's sense deltas do not fit this model: {e}") from None
+                    applied._sense_owner, applied._sense_edits_before = owner, before
         except BaseException:
             applied.revert()  # never leave a half-applied patch behind
             raise
@@ -258,6 +211,11 @@ class Patch:
             for part, t in d.parts().items():
                 tensors[f"{name}::{part}"] = t.detach().cpu().contiguous().clone()  # clone: no shared storage
         doc = {"format": FORMAT, **self.meta, "deltas": index}
+        if self.senses is not None:
+            sd = self.senses
+            doc["senses"] = {"module": sd.module, "pairs": sd.n, "dim": int(sd.vectors.shape[1])}
+            for part, t in sd.parts().items():
+                tensors[f"{sd.module}::sense_{part}"] = t.detach().cpu().contiguous().clone()
         try:
             doc = seal(doc, tensors)
         except (TypeError, ValueError) as e:
@@ -312,31 +270,50 @@ class Patch:
                     f"but shape {entry.get('shape')}, rank {entry.get('rank')} in {META_FILE}"
                 )
             deltas[name] = delta
+        senses = _load_senses(doc.get("senses"), tensors, used, meta_file, tensors_file)
         extra = sorted(set(tensors) - used)
         if extra:
             raise InputError(f"{tensors_file} holds tensors that {META_FILE} does not list: {extra[:5]}")
-        return cls(deltas, {k: v for k, v in doc.items() if k not in _RESERVED_META})
+        return cls(deltas, {k: v for k, v in doc.items() if k not in _RESERVED_META}, senses)
 
 
-def _sum(parts: list[Delta]) -> Delta:
-    """ΔW₁ + ΔW₂ + …: still low-rank when every part is (L = [L₁ L₂ …], R = [R₁; R₂; …]), else dense."""
-    if len(parts) == 1:
-        return parts[0]
-    device = (parts[0].dense if parts[0].dense is not None else parts[0].left).device
-    if all(d.dense is None for d in parts):
-        dtype = parts[0].left.dtype
-        for d in parts:
-            dtype = torch.promote_types(dtype, torch.promote_types(d.left.dtype, d.right.dtype))
-        return Delta(left=torch.cat([d.left.to(device, dtype) for d in parts], dim=1),
-                     right=torch.cat([d.right.to(device, dtype) for d in parts], dim=0))
-    dtype = torch.float32  # accumulate at least in float32: half-precision sums lose the small deltas
-    for t in (t for d in parts for t in d.parts().values()):
-        dtype = torch.promote_types(dtype, t.dtype)
-    return Delta(dense=sum(d.full(device=device).to(dtype) for d in parts))
+def _load_senses(entry, tensors: dict, used: set, meta_file: Path, tensors_file: Path) -> SenseDelta | None:
+    """The sense entry patch.json lists (None when it lists none), checked against the tensors it names."""
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("module"), str):
+        raise InputError(f"{meta_file}: the 'senses' entry must be an object naming its module")
+    keys = {part: f"{entry['module']}::sense_{part}" for part in ("tokens", "senses", "vectors")}
+    missing = [k for k in keys.values() if k not in tensors]
+    if missing:
+        raise InputError(f"{tensors_file} lacks {missing}, which {META_FILE} lists")
+    used.update(keys.values())
+    check_finite(f"{entry['module']} senses", {"vectors": tensors[keys["vectors"]]}, str(tensors_file))
+    try:
+        senses = SenseDelta(entry["module"], **{part: tensors[k] for part, k in keys.items()})
+    except ValueError as e:
+        raise InputError(f"{tensors_file}: {e}") from None
+    if senses.n != entry.get("pairs") or senses.vectors.shape[1] != entry.get("dim"):
+        raise InputError(f"{tensors_file}: {senses.n} sense pairs of width {senses.vectors.shape[1]}, but "
+                         f"{META_FILE} lists {entry.get('pairs')} of width {entry.get('dim')}")
+    return senses
+
+
+def _sense_owner(model: nn.Module, module: str):
+    """The module a sense entry edits; an InputError when the model has no Backpack there."""
+    try:
+        owner = model.get_submodule(module)
+    except AttributeError:
+        owner = None
+    if owner is None or not hasattr(owner, "attach_sense_vectors"):
+        raise InputError(f"this patch changes the sense vectors of a Backpack at {module!r}, and this model "
+                         f"({type(model).__name__}) has no Backpack there")
+    return owner
 
 
 def compose(*patches: Patch) -> Patch:
-    """One patch equal to applying `patches` in order (to float rounding): deltas summed per name.
+    """One patch equal to applying `patches` in order (to float rounding): deltas summed per name, sense deltas
+    joined (a pair edited twice carries both deltas, which add up as they would applied one after the other).
 
     The result checks the first part's base; each later part was made on the model with the earlier ones
     applied, which is exactly what the composition reproduces."""
@@ -349,7 +326,7 @@ def compose(*patches: Patch) -> Patch:
         shapes = sorted({d.shape for d in parts})
         if len(shapes) > 1:
             raise InputError(f"cannot compose: the deltas for {name} have different shapes {shapes}")
-        deltas[name] = _sum(parts)
+        deltas[name] = sum_deltas(parts)
     first = patches[0].meta
     meta = {"method": "compose", "model": first.get("model"), "lmedit_version": __version__,
             "requests": [r for p in patches for r in p.meta.get("requests", [])],
@@ -358,4 +335,9 @@ def compose(*patches: Patch) -> Patch:
     if first.get("base_fingerprint") is not None:
         meta["base_fingerprint"] = first["base_fingerprint"]
         meta["fingerprint_names"] = list(first.get("fingerprint_names") or patches[0].deltas)
-    return Patch(deltas, meta)
+    senses = [p.senses for p in patches if p.senses is not None]
+    try:
+        joined = SenseDelta.cat(senses) if senses else None
+    except ValueError as e:
+        raise InputError(f"cannot compose: {e}") from None
+    return Patch(deltas, meta, joined)

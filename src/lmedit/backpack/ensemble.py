@@ -84,16 +84,11 @@ class EnsembleLM(nn.Module):
         big = self.big(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).logits.float()
         backpack = self.backpack_lm.backpack
-        edits = backpack.sense_edits
-        if edits is None or self._w == 0:
+        if not len(backpack.sense_edits) or self._w == 0:
             return big
         edited = self.backpack_lm(input_ids, attention_mask=attention_mask).logits.float().log_softmax(-1)
-        backpack.sense_edits = None
-        try:
-            with torch.no_grad():
-                original = self.backpack_lm(input_ids, attention_mask=attention_mask).logits.float().log_softmax(-1)
-        finally:
-            backpack.sense_edits = edits
+        with backpack.without_sense_edits(), torch.no_grad():
+            original = self.backpack_lm(input_ids, attention_mask=attention_mask).logits.float().log_softmax(-1)
         return big + self._w * (edited - original)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **_) -> CausalLMOutput:

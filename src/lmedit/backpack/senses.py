@@ -111,16 +111,12 @@ def select_senses(model, tokenizer, kind: str, pairs_per_example: Sequence[Seque
 
 @contextmanager
 def attached_senses(model, chosen: Sequence[ChosenSense]) -> Iterator[SenseEdits]:
-    """Attach zero-initialised, trainable deltas on `chosen`; detached again on exit (the model is then exactly
-    as before: no weight was touched)."""
+    """Attach zero-initialised, trainable deltas on `chosen`, on top of any sense edits already attached (an applied
+    patch); detached again on exit (the model is then exactly as before: no weight was touched)."""
     model = backpack_of(model)
-    backpack = model.backpack
-    if backpack.sense_edits is not None:
-        raise InputError("this Backpack already carries sense edits")
-    device = next(model.parameters()).device
-    edits = SenseEdits([c.token for c in chosen], [c.sense for c in chosen], model.config.n_embd).to(device)
-    backpack.sense_edits = edits
+    edits = SenseEdits([c.token for c in chosen], [c.sense for c in chosen], model.config.n_embd)
+    previous = model.backpack.attach_sense_edits(edits)
     try:
         yield edits
     finally:
-        backpack.sense_edits = None
+        model.backpack.restore_sense_edits(previous)

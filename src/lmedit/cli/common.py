@@ -49,6 +49,15 @@ def load_lm(spec: str, device: Optional[str] = None):
         return load_model(spec, placement=placement)
 
 
+def check_model_for(editor, spec: str) -> None:
+    """A Backpack-only method on a model that is not one: refused from the model's name or config, before loading."""
+    from lmedit.models.loading import is_backpack_spec
+
+    if editor.backpack_only and is_backpack_spec(spec) is False:
+        raise InputError(f"--method {editor.name} edits a Backpack's sense vectors, and {spec} is not a Backpack "
+                         "(train one with `lmedit backpack train`, or use ft-conditional or lora)")
+
+
 def parse_sets(sets: Optional[list[str]]) -> dict:
     out = {}
     for item in sets or []:

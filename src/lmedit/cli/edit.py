@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from lmedit.cli.common import (METHODS_HELP, DeviceOpt, ForceOpt, ModelOpt, SetOpt, console, load_lm, parse_sets,
-                               quiet_transformers)
+from lmedit.cli.common import (METHODS_HELP, DeviceOpt, ForceOpt, ModelOpt, SetOpt, check_model_for, console, load_lm,
+                               parse_sets, quiet_transformers)
 from lmedit.errors import InputError
 
 
@@ -62,6 +62,7 @@ def edit(requests: Path = typer.Option(..., "--requests", "-r", help="requests: 
     check_writable(out, force)
     reqs = load_requests(requests, limit=limit, batch=True)  # edited together: checked as a batch
     editor = get_editor(method)
+    check_model_for(editor, model)
     apply_overrides(editor.config_cls(), parse_sets(sets))  # a bad --set is refused before the model loads
     if state is not None and not editor.carries_state:
         raise InputError(f"--state is for the lifelong editors (alphaedit, ultraedit); {method} carries no state")

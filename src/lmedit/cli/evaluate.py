@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lmedit.cli.common import METHODS_HELP, DeviceOpt, ForceOpt, ModelOpt, SetOpt, console, load_lm, parse_sets
+from lmedit.cli.common import (METHODS_HELP, DeviceOpt, ForceOpt, ModelOpt, SetOpt, check_model_for, console, load_lm,
+                               parse_sets)
 from lmedit.errors import InputError
 
 
@@ -60,6 +61,7 @@ def _run_eval(task: str, data: Path, out: Path, model: str, method: str, limit: 
         check_writable(o, force or resume)
         if j.exists() and not (force or resume):
             raise InputError(f"{j} holds an unfinished run; pass --resume to continue it or --force to start over")
+    check_model_for(get_editor(method), model)
     apply_overrides(get_editor(method).config_cls(), parse_sets(sets))  # bad --set: refused before any work
     accept = ("zsre",) if task == "zsre" else ("counterfact", "rome", "jsonl")
     skipped = [] if skip_invalid else None

@@ -17,7 +17,7 @@ from lmedit.settings import SettingError, setting_of
 
 # The built-in methods by name, known without importing them (the CLI's help is built from this at start-up, before
 # torch loads); tests check that it matches what the modules register.
-BUILTIN_METHODS = ("rome", "memit", "emmet", "alphaedit", "ultraedit", "ft", "ft-conditional", "lora")
+BUILTIN_METHODS = ("rome", "memit", "emmet", "alphaedit", "ultraedit", "ft", "ft-conditional", "lora", "senses")
 
 
 def get_editor(name: str) -> Editor:
@@ -34,7 +34,7 @@ def editor_names() -> list[str]:
 
 def _load_builtin() -> None:
     # each registers itself
-    from lmedit.editors import alphaedit, emmet, finetune, lora, memit, rome, ultraedit  # noqa: F401
+    from lmedit.editors import alphaedit, emmet, finetune, lora, memit, rome, senses, ultraedit  # noqa: F401
 
 
 def optional_float(value, name: str) -> float | None:
@@ -110,7 +110,9 @@ def make_config(method: str, model_name: str, model, overrides: dict[str, Any] |
     from lmedit.models.arch import check_layer
 
     editor = get_editor(method)
-    config = apply_overrides(editor.config_cls(), defaults_for(method, model_name, model))
+    # the table's rows choose layers; an editor that trains no layer's weights (senses) has none
+    table = defaults_for(method, model_name, model) if getattr(editor.config_cls, "trains_weights", True) else {}
+    config = apply_overrides(editor.config_cls(), table)
     config = apply_overrides(config, overrides or {})
     for layer in getattr(config, "layers", ()):  # the declaration checks the type; the model knows its depth
         check_layer(model, layer)

@@ -47,7 +47,7 @@ from lmedit.locate.batching import body, unembed
 from lmedit.locate.prompts import encode, with_target
 from lmedit.models.arch import arch_for, get_module
 from lmedit.models.logprobs import kl_to_reference, log_distributions, pad_id, token_logprobs
-from lmedit.patches import Delta, Patch, compose, fingerprint
+from lmedit.patches import Delta, Patch, compose
 from lmedit.requests import EditRequest
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -204,7 +204,9 @@ def train(model, tokenizer, examples: list[Example], params: dict[str, nn.Parame
 
 # ------------------------------------------------------------------------------------------------ editors
 
-Trainer = Callable[..., tuple[dict[str, Delta], dict]]  # (model, tok, examples, config, conditional, progress, desc)
+# (model, tok, examples, config, conditional, progress, desc, checkpoint_dir) -> (what it changed, as a Patch without
+# meta, and its training curve): weight deltas (ft, lora) or sense deltas (senses)
+Trainer = Callable[..., tuple[Patch, dict]]
 
 
 @contextmanager
@@ -243,7 +245,7 @@ def _train_weights(model, tokenizer, examples, config: FinetuneConfig, condition
 
         curve = train(model, tokenizer, examples, chosen, config, conditional, progress, project, desc, checkpoint_dir)
         deltas = {n: Delta(dense=p.detach().float() - originals[n].float()) for n, p in chosen.items()}
-    return deltas, curve
+    return Patch(deltas), curve
 
 
 def run_editor(model, tokenizer, requests: list[EditRequest], config: TrainConfig, method: str, conditional: bool,
@@ -262,16 +264,17 @@ def run_editor(model, tokenizer, requests: list[EditRequest], config: TrainConfi
     parts, curves = [], []
     for group in tqdm(groups, desc=f"{method} single edits", disable=not progress or len(groups) == 1):
         mine = [ex for ex in examples if ex.edit in group]
-        deltas, curve = trainer(model, tokenizer, mine, config, conditional, progress, method, checkpoint_dir)
-        parts.append(Patch(deltas, {}))
+        part, curve = trainer(model, tokenizer, mine, config, conditional, progress, method, checkpoint_dir)
+        parts.append(part)
         curves.append(curve)
     timing["train_seconds"] = time.perf_counter() - t0
-    deltas = parts[0].deltas if len(parts) == 1 else compose(*parts).deltas
-    meta = {
+    joined = parts[0] if len(parts) == 1 else compose(*parts)
+    patch = Patch(joined.deltas, {}, joined.senses)
+    patch.meta = {
         "method": method,
         "config": asdict(config),
         "requests": [r.to_dict() for r in requests],
-        "base_fingerprint": fingerprint(model, deltas),
+        **patch.base_identity(model),
         "lmedit_version": __version__,
         "model_type": model.config.model_type,
         "loss": "conditional (target tokens only)" if conditional else "full (prompt and target tokens)",
@@ -279,7 +282,7 @@ def run_editor(model, tokenizer, requests: list[EditRequest], config: TrainConfi
         "timing": timing,
         "training": curves,
     }
-    return Patch(deltas, meta)
+    return patch
 
 
 def edit_ft(model, tokenizer, requests, config: FinetuneConfig, progress: bool = True, announce=print,

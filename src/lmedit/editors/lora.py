@@ -21,7 +21,7 @@ from lmedit.editors.registry import register_editor
 from lmedit.editors.finetune import TRAINER, TrainConfig, resolve_modules, run_editor, train
 from lmedit.errors import InputError, LmeditError
 from lmedit.models.arch import arch_for, get_module
-from lmedit.patches import Delta
+from lmedit.patches import Delta, Patch
 from lmedit.settings import choice, integer, number
 
 ADAPTER = "lmedit"
@@ -108,7 +108,7 @@ def _train_lora(model, tokenizer, examples, config: LoraEditConfig, conditional:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # A and B only
         curve = train(model, tokenizer, examples, params, config, conditional, progress, None, desc, checkpoint_dir)
         deltas = lora_deltas(adapted)
-    return deltas, curve
+    return Patch(deltas), curve
 
 
 def edit(model, tokenizer, requests, config: LoraEditConfig, progress: bool = True, announce=print,

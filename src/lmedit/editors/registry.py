@@ -4,7 +4,7 @@ Apart from the package's __init__ (which loads the built-in modules on first use
 the registry without importing the package that imports it: no cycle.
 
 Capabilities replace lists of method names elsewhere: the CLI, the evaluation runner and the canonical-examples
-protocol ask the registry what a method needs (a subject to locate, a KV cache) and what it can take
+protocol ask the registry what a method needs (a subject to locate, a KV cache, a Backpack) and what it can take
 (v* already optimised, a training checkpoint directory, a carried lifelong state). What changes an edit's
 behaviour is passed to `Editor.edit` explicitly; nothing reaches an editor through a global or a context variable.
 """
@@ -29,6 +29,7 @@ class Editor:
     # what it needs:
     needs_subject: bool = True  # each request's subject is located in its prompt (locate-then-edit)
     needs_kv_cache: bool = False  # the locate core replays prompts from a KV cache (a Backpack has none)
+    backpack_only: bool = False  # it edits a Backpack's sense vectors, which other architectures have not
     # the canonical-examples protocol can run it with a task's loss (canonical_run)
     canonical: bool = False
 

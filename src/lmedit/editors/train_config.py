@@ -4,7 +4,7 @@ checked and resolved against a model, and which parameters a selection of module
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -55,6 +55,8 @@ class TrainConfig:
     budget_docs: int = integer(32, ge=1)  # its first N documents are measured after every epoch
     budget_tokens: int = integer(128, ge=2)  # each cut to this many tokens (a loss needs two)
 
+    trains_weights: ClassVar[bool] = True  # the weights of `modules` at `layers`; False: what the editor chooses
+
     def __post_init__(self) -> None:
         check_settings(self)
 
@@ -80,18 +82,22 @@ def prepare(config: TrainConfig, model) -> TrainConfig:
     above are checked again by `replace`, so a config changed since it was made is caught too)."""
     from lmedit.editors.defaults import defaults_for
 
-    layers = tuple(config.layers) or tuple(defaults_for("memit", model.config.model_type, model)["layers"])
-    for layer in layers:
-        check_layer(model, layer)
-    if list(layers) != sorted(set(layers)):
-        raise InputError(f"layers must be distinct and increasing, got {list(layers)}")
-    modules = config.modules
-    if isinstance(modules, str):
-        modules = tuple(m.strip() for m in modules.split(",") if m.strip())
-    config = replace(config, layers=layers, modules=tuple(modules) if modules else None)
+    if config.trains_weights:
+        layers = tuple(config.layers) or tuple(defaults_for("memit", model.config.model_type, model)["layers"])
+        for layer in layers:
+            check_layer(model, layer)
+        if list(layers) != sorted(set(layers)):
+            raise InputError(f"layers must be distinct and increasing, got {list(layers)}")
+        modules = config.modules
+        if isinstance(modules, str):
+            modules = tuple(m.strip() for m in modules.split(",") if m.strip())
+        config = replace(config, layers=layers, modules=tuple(modules) if modules else None)
+        trainable_parameters(model, config.layers, config.modules)  # an unknown module name fails here, before work
+    elif config.layers or config.modules:  # sense deltas (editors/senses.py)
+        raise InputError(f"{type(config).__name__} trains sense deltas, not weights: layers and modules do not "
+                         "apply (leave them unset)")
     if not config.augment:
         config = replace(config, n_paraphrases=0, n_random_facts=0)
-    trainable_parameters(model, config.layers, config.modules)  # an unknown module name fails here, before any work
     if config.kl_factor > 0 and not config.kl_text:
         raise InputError("kl_factor > 0 needs some kl_text")
     return config

@@ -19,15 +19,13 @@ from lmedit.errors import InputError
 from lmedit.evaluate.canonical import CanonicalTask, get_task, load_task
 from lmedit.evaluate.canonical_scores import LossOptions
 
-# The registry's editors that run on a task's loss (capability `canonical`), then Backpack sense fine-tuning, which is
-# trained by this protocol only (its deltas act on the sense network's output, not on a stored parameter, so it
-# has no patch yet).
+# The registry's editors that run on a task's loss (capability `canonical`), and the paper's regularised baselines:
+# the same trainer with β·KL(p₀ ‖ p_θ) on general text (the reference's regularize.KLRegularization), β searched
+# log-uniformly in [0.1, 1] as in the reference sweeps.
 SENSES = "senses"
-# The paper's regularised baselines: the same trainer with β·KL(p₀ ‖ p_θ) on general text (the reference's
-# regularize.KLRegularization), β searched log-uniformly in [0.1, 1] as in the reference sweeps.
 REGULARISED = {"ft+kl": "ft", "lora+kl": "lora", "senses+kl": SENSES}
 DEFAULT_KL_WEIGHT = 0.3  # the geometric middle of the reference sweep's 10^U(−1, 0)
-METHODS = tuple(n for n in editor_names() if get_editor(n).canonical) + (SENSES, *REGULARISED)
+METHODS = tuple(n for n in editor_names() if get_editor(n).canonical) + tuple(REGULARISED)
 
 
 def base_method(method: str) -> str:
@@ -145,22 +143,22 @@ SETTINGS = {"ft": FtSettings, "ft-conditional": TrainSettings, "lora": LoraSetti
 
 
 def methods_for(model, methods) -> tuple[list[str], dict[str, str]]:
-    """(the methods this model can run, {method: why not} for the others): senses needs a Backpack, memit a KV
-    cache (which a Backpack has not)."""
+    """(the methods this model can run, {method: why not} for the others), from the registry's capabilities: a
+    Backpack-only method needs a Backpack, one that needs a KV cache a model that has one (a Backpack has not)."""
+    from lmedit.backpack.ensemble import MODEL_TYPE as ENSEMBLE
     from lmedit.models.arch import arch_for
     from lmedit.models.backpack import MODEL_TYPE
 
-    from lmedit.backpack.ensemble import MODEL_TYPE as ENSEMBLE
-
     arch = arch_for(model)
-    if arch.model_type == ENSEMBLE:  # only the Backpack's senses are trained; the large model stays as it is
-        why = {m: f"{m} cannot edit an ensemble (only senses can)" for m in METHODS if m != SENSES}
-    else:
-        why = {m: None if arch.model_type == MODEL_TYPE else f"{m} needs a Backpack model, not {arch.model_type}"
-               for m in METHODS if base_method(m) == SENSES}
-        why.update({m: f"{m} needs a model with a KV cache, which {arch.model_type} has not"
-                    for m in METHODS if base_method(m) not in SETTINGS and get_editor(m).needs_kv_cache
-                    and not arch.kv_cache})
+    why = {}
+    for m in METHODS:
+        editor = get_editor(base_method(m))
+        if arch.model_type == ENSEMBLE and (not editor.backpack_only or m in REGULARISED):  # the Backpack alone
+            why[m] = f"{m} cannot edit an ensemble (only senses can)"
+        elif editor.backpack_only and arch.model_type not in (MODEL_TYPE, ENSEMBLE):
+            why[m] = f"{m} needs a Backpack model, not {arch.model_type}"
+        elif editor.needs_kv_cache and not arch.kv_cache:
+            why[m] = f"{m} needs a model with a KV cache, which {arch.model_type} has not"
     cannot = {m: why[m] for m in methods if why.get(m)}
     return [m for m in methods if m not in cannot], cannot
 

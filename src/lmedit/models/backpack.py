@@ -19,6 +19,7 @@ as no padding), and `SenseEdits` adds zero-initialised deltas to chosen (token, 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +39,12 @@ class BackpackConfig(GPT2Config):
     model_type = MODEL_TYPE
 
     def __init__(self, vocab_size: int = 50264, num_senses: int = 16, sense_intermediate_scale: int = 4,
-                 n_positions: int = 512, scale_attn_by_inverse_layer_idx: bool = True, **kwargs):
+                 n_positions: int = 512, scale_attn_by_inverse_layer_idx: bool = True,
+                 sense_edit_sizes: list[int] | None = None, **kwargs):
         self.num_senses = num_senses
         self.sense_intermediate_scale = sense_intermediate_scale
+        # an exported edited Backpack carries its sense edits (pairs per attached edit) beside the weights
+        self.sense_edit_sizes = list(sense_edit_sizes or [])
         super().__init__(vocab_size=vocab_size, n_positions=n_positions,
                          scale_attn_by_inverse_layer_idx=scale_attn_by_inverse_layer_idx, **kwargs)
 
@@ -115,16 +119,18 @@ class WeightNetwork(nn.Module):
 
 class SenseEdits(nn.Module):
     """Additive deltas Δ(t, ℓ) on chosen senses: C'(t)_ℓ = C(t)_ℓ + Δ(t, ℓ), zero-initialised, so attaching them
-    changes nothing until they are trained. Only `vectors` is a parameter; the (token, sense) pairs are fixed."""
+    changes nothing until they are trained. Only `vectors` is a parameter; the (token, sense) pairs are fixed
+    (buffers, saved with the model when an edited Backpack is exported)."""
 
-    def __init__(self, tokens: list[int], senses: list[int], n_embd: int, vectors: torch.Tensor | None = None):
+    def __init__(self, tokens, senses, n_embd: int, vectors: torch.Tensor | None = None):
         super().__init__()
-        if len(tokens) != len(senses) or not tokens:
+        tokens, senses = torch.as_tensor(tokens, dtype=torch.long), torch.as_tensor(senses, dtype=torch.long)
+        if tokens.shape != senses.shape or tokens.dim() != 1 or not len(tokens):
             raise ValueError("sense edits need one sense index per token, and at least one pair")
-        self.register_buffer("tokens", torch.tensor(tokens, dtype=torch.long), persistent=False)
-        self.register_buffer("senses", torch.tensor(senses, dtype=torch.long), persistent=False)
+        self.register_buffer("tokens", tokens.clone())
+        self.register_buffer("senses", senses.clone())
         init = torch.zeros(len(tokens), n_embd) if vectors is None else vectors.detach().clone()
-        self.vectors = nn.Parameter(init)
+        self.vectors = nn.Parameter(init, requires_grad=vectors is None)
 
     def pairs(self) -> list[tuple[int, int]]:
         return list(zip(self.tokens.tolist(), self.senses.tolist()))
@@ -153,7 +159,9 @@ class BackpackModel(nn.Module):
         self.gpt2_model = GPT2Model(config)
         self.sense_network = SenseNetwork(config)
         self.sense_weight_net = WeightNetwork(config.num_senses, config.n_embd)
-        self.sense_edits: SenseEdits | None = None
+        # attached sense edits, their sum acting (a patch stacks one, training another, an export keeps them)
+        self.sense_edits = nn.ModuleList(SenseEdits([0] * n, [0] * n, config.n_embd, torch.zeros(n, config.n_embd))
+                                         for n in config.sense_edit_sizes)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -162,9 +170,46 @@ class BackpackModel(nn.Module):
     def senses(self, input_ids: torch.Tensor) -> torch.Tensor:
         """C(x_j)_ℓ for every position, (batch, k, seq, d), with any attached sense edits added."""
         senses = self.sense_network(self.word_embeddings(input_ids))
-        if self.sense_edits is not None:
-            senses = senses + self.sense_edits(input_ids, self.num_senses)
+        for edits in self.sense_edits:
+            senses = senses + edits(input_ids, self.num_senses)
         return senses
+
+    # What a patch's sense entry (lmedit.patches.SenseDelta) asks of the module it edits: the parameters C(x) is
+    # computed from (fingerprinted), and attach / restore. Nothing else of the model changes, so restoring the
+    # list of attached edits makes the model bit-exactly what it was.
+    def sense_inputs(self) -> list[str]:
+        """Names (relative to this module) of the parameters the sense vectors C(x) are computed from."""
+        return [f"sense_network.{n}" for n, _ in self.sense_network.named_parameters()] + ["gpt2_model.wte.weight"]
+
+    def attach_sense_edits(self, edits: SenseEdits) -> list[SenseEdits]:
+        """Put `edits` on top of those attached (their deltas add up); returns the list before, for restore."""
+        if edits.vectors.shape[-1] != self.config.n_embd:
+            raise ValueError(f"sense deltas of width {edits.vectors.shape[-1]} on a Backpack of width "
+                             f"{self.config.n_embd}")
+        if int(edits.tokens.max()) >= self.config.vocab_size or int(edits.senses.max()) >= self.num_senses:
+            raise ValueError(f"sense edits name a token or sense this Backpack has not (vocabulary "
+                             f"{self.config.vocab_size}, {self.num_senses} senses)")
+        previous = list(self.sense_edits)
+        device = self.word_embeddings.weight.device
+        self.sense_edits.append(edits.to(device=device, dtype=self.word_embeddings.weight.dtype))
+        return previous
+
+    def attach_sense_vectors(self, tokens, senses, vectors: torch.Tensor) -> list[SenseEdits]:
+        """Fixed (not trainable) deltas `vectors` on the (token, sense) pairs; returns the list before."""
+        return self.attach_sense_edits(SenseEdits(tokens, senses, vectors.shape[-1], vectors))
+
+    def restore_sense_edits(self, previous: list[SenseEdits]) -> None:
+        self.sense_edits = nn.ModuleList(previous)
+
+    @contextmanager
+    def without_sense_edits(self):
+        """The unedited Backpack for the block (the ensemble's reference distribution)."""
+        previous = list(self.sense_edits)
+        self.sense_edits = nn.ModuleList()
+        try:
+            yield
+        finally:
+            self.restore_sense_edits(previous)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
@@ -225,6 +270,11 @@ class BackpackForCausalLM(PreTrainedModel, GenerationMixin):
             loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As PreTrainedModel's, with the attached sense edits' sizes in the config so that loading rebuilds them."""
+        self.config.sense_edit_sizes = [len(e.tokens) for e in self.backpack.sense_edits]
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **_):
         """Generation re-runs the whole sequence each step (no cache)."""

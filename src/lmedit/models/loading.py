@@ -213,6 +213,18 @@ def _cache_converted(model, tokenizer, cached: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_backpack_spec(spec: str) -> bool | None:
+    """Whether `spec` names a Backpack, read without loading any weights: False for the embedded and GGUF models,
+    a directory's config.json for an HF directory; None when only loading can tell (a hub id, a missing path)."""
+    path = Path(spec)
+    if spec in EMBEDDED or path.suffix == ".gguf":
+        return False
+    if (path / "config.json").is_file():
+        config = read_json(path / "config.json")
+        return _is_backpack(config) if isinstance(config, dict) else None
+    return None
+
+
 def _is_backpack(config: dict) -> bool:
     """A Backpack checkpoint, whatever model_type its remote-code config wrote (its config class derives from
     GPT-2's): the sense count is the mark."""
