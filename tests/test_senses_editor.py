@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from cli_helpers import assert_one_line_error, run_cli
 
 REQUESTS = [EditRequest(prompt="The capital of France is", subject="France", target_new=" Rome"),
             EditRequest(prompt="The Eiffel Tower stands in", subject="Eiffel Tower", target_new=" London")]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact"
 SETS = {"lr": "0.5", "epochs": "12", "batch_size": "2", "background_docs": "4", "senses_per_example": "3",
         "stop_prob": "none"}
 
@@ -134,3 +136,19 @@ def test_cli_edit_senses_then_apply_and_revert_is_bit_exact(bp, tmp_path, monkey
         assert not torch.equal(lm.model(ids).logits, logits0)
         applied.revert()
         assert torch.equal(lm.model(ids).logits, logits0)
+
+
+def test_counterfact_evaluation_runs_the_senses_editor(bp, tmp_cache):
+    """The evaluation runner takes `senses` like any editor (a Backpack has no KV cache: scoring runs whole
+    sequences); the edits it scores are the sense deltas of the patch, and the model comes back unedited."""
+    from lmedit.evaluate.run import run_edit_eval
+    from lmedit.requests import load_requests
+
+    reqs = load_requests(DATA / "counterfact-edit.json", limit=4)
+    before = _state(bp.model)
+    result = run_edit_eval(bp, "senses", reqs, 4, overrides={**SETS, "epochs": "5"}, progress=False,
+                           announce=lambda *_: None)
+    assert result["method"] == "senses" and result["metrics"]["n"] == 4
+    assert result["metrics"]["efficacy"] > result["baseline"]["efficacy"]
+    assert len(bp.model.backpack.sense_edits) == 0
+    assert all(torch.equal(t, before[n]) for n, t in bp.model.state_dict().items())
