@@ -96,7 +96,6 @@ class Delta:
         return Delta(left=(U[:, :r] * S[:r]).to(dW.dtype), right=Vh[:r].to(dW.dtype).contiguous())
 
 
-
 def sum_deltas(parts: list[Delta]) -> Delta:
     """ΔW₁ + ΔW₂ + …: still low-rank when every part is (L = [L₁ L₂ …], R = [R₁; R₂; …]), else dense."""
     if len(parts) == 1:

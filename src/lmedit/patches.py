@@ -110,8 +110,10 @@ class Patch:
               model_name: str | None = None, senses: SenseDelta | None = None) -> Patch:
         """What an editor returns: the deltas plus metadata, fingerprinting the base it was computed on.
         A non-finite delta is an EditFailure here, where it was made, not a surprise when it is applied."""
-        for name, parts in [*((n, d.parts()) for n, d in deltas.items()),
-                            *([(f"{senses.module} senses", senses.parts())] if senses is not None else [])]:
+        checked = {name: delta.parts() for name, delta in deltas.items()}
+        if senses is not None:
+            checked[f"{senses.module} senses"] = senses.parts()
+        for name, parts in checked.items():
             try:
                 check_finite(name, parts, method)
             except InputError as e:
@@ -183,18 +185,19 @@ class Patch:
             check_plausible(name, delta.norm(), params[name], force)
         owner = _sense_owner(model, self.senses.module) if self.senses is not None else None
         self.check_base(model)
-        applied = AppliedPatch(params, {name: params[name].detach().clone() for name in self.deltas})
+        originals = {name: params[name].detach().clone() for name in self.deltas}
+        before = None
+        if owner is not None:  # first: a misfit is refused before any weight moves
+            sd = self.senses
+            try:
+                before = owner.attach_sense_vectors(sd.tokens, sd.senses, sd.vectors)
+            except ValueError as e:
+                raise InputError(f"the patch's sense deltas do not fit this model: {e}") from None
+        applied = AppliedPatch(params, originals, owner, before)
         try:
             with torch.no_grad():
                 for name, delta in self.deltas.items():  # device and dtype from the parameter, never a literal
                     params[name].add_(delta.full(device=params[name].device).to(dtype=params[name].dtype))
-                if owner is not None:
-                    sd = self.senses
-                    try:
-                        before = owner.attach_sense_vectors(sd.tokens, sd.senses, sd.vectors)
-                    except ValueError as e:
-                        raise InputError(f"the patch's sense deltas do not fit this model: {e}") from None
-                    applied._sense_owner, applied._sense_edits_before = owner, before
         except BaseException:
             applied.revert()  # never leave a half-applied patch behind
             raise

@@ -18,6 +18,7 @@ that changes a few sense vectors changes every prediction that reads them, and n
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -107,6 +108,20 @@ def select_senses(model, tokenizer, kind: str, pairs_per_example: Sequence[Seque
     if not chosen:
         raise InputError("no sense carries any weight toward the canonical examples' suffixes")
     return [ChosenSense(t, l, v) for (t, l), v in sorted(chosen.items(), key=lambda kv: -kv[1])]
+
+
+def choose_senses(model, tokenizer, kind: str, pairs_per_example: Sequence[Sequence[tuple[str, str]]],
+                  per_example: int, lam: float, background_docs: int) -> tuple[list[ChosenSense], dict]:
+    """Steps 1–2 with the offline Wikipedia leads as background: the chosen senses, and a record of the choice for
+    the result (how many, how long it took, the top 20 decoded)."""
+    from lmedit.stats.corpora import wiki_corpus
+
+    t0 = time.perf_counter()
+    background = background_mass(model, tokenizer, wiki_corpus().documents[:background_docs])
+    chosen = select_senses(model, tokenizer, kind, pairs_per_example, background, per_example, lam)
+    record = {"n": len(chosen), "select_seconds": time.perf_counter() - t0,
+              "top": [{"token": tokenizer.decode([c.token]), "sense": c.sense, "score": c.score} for c in chosen[:20]]}
+    return chosen, record
 
 
 @contextmanager

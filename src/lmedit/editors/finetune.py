@@ -268,9 +268,8 @@ def run_editor(model, tokenizer, requests: list[EditRequest], config: TrainConfi
         parts.append(part)
         curves.append(curve)
     timing["train_seconds"] = time.perf_counter() - t0
-    joined = parts[0] if len(parts) == 1 else compose(*parts)
-    patch = Patch(joined.deltas, {}, joined.senses)
-    patch.meta = {
+    patch = parts[0] if len(parts) == 1 else compose(*parts)
+    patch.meta = {  # the parts carry no meta of their own (a composition's is replaced whole)
         "method": method,
         "config": asdict(config),
         "requests": [r.to_dict() for r in requests],

@@ -11,7 +11,6 @@ they treat a weight edit; the model's weights are never touched.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -48,26 +47,18 @@ def module_path(model, target) -> str:
 def _train_senses(model, tokenizer, examples, config: SensesConfig, conditional: bool, progress: bool, desc: str,
                   checkpoint_dir: Path | None = None):
     """Choose senses from the requests' own examples (not their augmentations), train their deltas, detach them."""
-    from lmedit.stats.corpora import wiki_corpus
-
-    backpack = se.backpack_of(model)
-    t0 = time.perf_counter()
-    background = se.background_mass(model, tokenizer, wiki_corpus().documents[:config.background_docs])
+    lm = se.backpack_of(model)
     pairs = [[(ex.prompt, ex.target)] for ex in examples if ex.kind == "edit"]
-    chosen = se.select_senses(model, tokenizer, "gen", pairs, background, config.senses_per_example,
-                              config.sense_lambda)
-    select_seconds = time.perf_counter() - t0
-    path = module_path(model, backpack.backpack)
+    chosen, choice = se.choose_senses(model, tokenizer, "gen", pairs, config.senses_per_example, config.sense_lambda,
+                                      config.background_docs)
+    path = module_path(model, lm.backpack)
     with se.attached_senses(model, chosen) as edits:
-        name = f"{path}.sense_edits.{len(backpack.backpack.sense_edits) - 1}.vectors"
+        name = f"{path}.sense_edits.{len(lm.backpack.sense_edits) - 1}.vectors"
         curve = train(model, tokenizer, examples, {name: edits.vectors}, config, conditional, progress, None, desc,
                       checkpoint_dir)
         delta = SenseDelta(path, edits.tokens.detach().cpu().clone(), edits.senses.detach().cpu().clone(),
                            edits.vectors.detach().float().cpu().clone())
-    curve["senses"] = {"n": len(chosen), "select_seconds": select_seconds,
-                       "top": [{"token": tokenizer.decode([c.token]), "sense": c.sense, "score": c.score}
-                               for c in chosen[:20]]}
-    return Patch({}, {}, delta), curve
+    return Patch({}, {}, delta), {**curve, "senses": choice}
 
 
 def edit(model, tokenizer, requests, config: SensesConfig, progress: bool = True, announce=print,

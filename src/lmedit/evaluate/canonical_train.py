@@ -162,23 +162,17 @@ def _train_senses(runner, task, settings, options, layers, before, announce, kee
     recorded in the first epoch's point."""
     from lmedit.backpack import senses as se
     from lmedit.evaluate.canonical_scores import pairs_of
-    from lmedit.stats.corpora import wiki_corpus
 
     model, tokenizer = runner.model, runner.tokenizer
-    t0 = time.perf_counter()
-    background = se.background_mass(model, tokenizer, wiki_corpus().documents[:settings.background_docs])
-    chosen = se.select_senses(model, tokenizer, task.kind, [pairs_of(task.kind, [ex]) for ex in task.train],
-                              background, settings.senses_per_example, settings.sense_lambda)
-    select_seconds = time.perf_counter() - t0
+    chosen, choice = se.choose_senses(model, tokenizer, task.kind, [pairs_of(task.kind, [ex]) for ex in task.train],
+                                      settings.senses_per_example, settings.sense_lambda, settings.background_docs)
     with se.attached_senses(model, chosen) as edits:
         trace = _train_epochs(runner, task, {"backpack.sense_edits.vectors": edits.vectors}, settings, options, 0.0,
                               before, announce, keep)
     if keep is not None:
         keep["chosen"] = chosen
     if trace:
-        trace[0]["senses"] = {"n": len(chosen), "select_seconds": select_seconds,
-                              "top": [{"token": tokenizer.decode([c.token]), "sense": c.sense, "score": c.score}
-                                      for c in chosen[:20]]}
+        trace[0]["senses"] = choice
     return trace
 
 
